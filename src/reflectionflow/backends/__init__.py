@@ -1,0 +1,1 @@
+"""Backends: world (embedded Shapes world) and real-scale ones."""
