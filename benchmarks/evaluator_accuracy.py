@@ -23,11 +23,11 @@ from collections import Counter
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from reflectionflow.world.data import load_benchmark
 from reflectionflow.world.evaluate import evaluate_image
 from reflectionflow.world.flaws import FLAW_KINDS, plant_flaw, truth
 from reflectionflow.world.render import render, sample_scene
 from reflectionflow.world.spec import BACKGROUND, COLORS, IMAGE_SIZE, MIN_SIZE
-from reflectionflow.world.data import load_benchmark
 
 
 def foreign_render(scene, rng: random.Random) -> np.ndarray:
@@ -114,7 +114,8 @@ def main() -> None:
     print(f"{time.perf_counter() - t:.1f} s")
     for source, r in out.items():
         kinds = "  ".join(f"{k} {v:.4f}" for k, v in r["per_kind"].items())
-        print(f"{source:8s} agreement {r['agreement']:.4f} on {r['images']} images ({r['ambiguous']} ambiguous)  {kinds}")
+        head = f"{source:8s} agreement {r['agreement']:.4f} on {r['images']} images ({r['ambiguous']} ambiguous)"
+        print(f"{head}  {kinds}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_write_text, load_png
 from .detect import Detection, detect
 from .render import relations
-from .spec import CLASSES, COLOR_NAMES, TAGS, PromptError, validate_metadata
+from .spec import COLOR_NAMES, TAGS, PromptError, validate_metadata
 
 
 @dataclass
@@ -57,9 +58,10 @@ def evaluate_detections(dets: Sequence[Detection], meta: dict) -> ImageVerdict:
                 colors = [d.color for d in found]
                 if colors.count(req["color"]) < count:
                     correct = matched = False
+                    found_colors = ", ".join(f"{colors.count(c)} {c}" for c in COLOR_NAMES if c in colors)
                     reasons.append(
                         f"expected {req['color']} {cls}>={count}, found {colors.count(req['color'])} "
-                        f"{req['color']}; and " + ", ".join(f"{colors.count(c)} {c}" for c in COLOR_NAMES if c in colors)
+                        f"{req['color']}; and {found_colors}"
                     )
             if "position" in req and matched:
                 expected_rel, target_group = req["position"]
@@ -127,6 +129,12 @@ GENEVAL_HINT = (
 )
 
 
+def coco_classes() -> frozenset[str]:
+    from .data import HERE
+
+    return frozenset((HERE / "geneval_object_names.txt").read_text(encoding="utf-8").split("\n")) - {""}
+
+
 def scan_folder(root: str | os.PathLike) -> list[tuple[Path, dict, list[Path]]]:
     """(prompt folder, metadata, sample files) for every prompt; validates before any work."""
     root = Path(root)
@@ -155,7 +163,7 @@ def scan_folder(root: str | os.PathLike) -> list[tuple[Path, dict, list[Path]]]:
             validate_metadata(meta, where=str(mpath))
         except PromptError as e:
             classes = [c.get("class") for c in meta.get("include", []) if isinstance(c, dict)]
-            if classes and all(c not in CLASSES for c in classes):
+            if classes and all(c in coco_classes() for c in classes):
                 coco += 1
                 continue
             raise EvaluationError(str(e)) from None
@@ -168,13 +176,6 @@ def scan_folder(root: str | os.PathLike) -> list[tuple[Path, dict, list[Path]]]:
     if not any(s for _, _, s in items):
         raise EvaluationError(f"{root}: no images found under <NNNNN>/samples/*.png")
     return items
-
-
-def load_png(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 def evaluate_folder(root: str | os.PathLike, progress: bool = True) -> tuple[list[dict], dict]:
@@ -206,15 +207,9 @@ def evaluate_folder(root: str | os.PathLike, progress: bool = True) -> tuple[lis
     summary = summarize(rows)
     summary["unreadable"] = unreadable
     summary["evaluator"] = "geneval-shapes (world v1 detector, GenEval rules)"
-    _write_atomic(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    _write_atomic(root / "scores.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(root / "scores.json", json.dumps(summary, indent=2) + "\n")
     return rows, summary
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def format_summary(summary: dict) -> str:

@@ -8,10 +8,11 @@ a few numpy blends per object: well over 5,000 images a second on one core
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -33,7 +34,7 @@ POSITION_THRESHOLD = 0.1  # GenEval's shrink factor for relative positions
 RELATION_MARGIN = 0.62  # sampled position scenes clear GenEval's 0.5 with room for detector error
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Obj:
     cls: str
     color: str
@@ -100,7 +101,7 @@ def coverage_mask(cls: str, w: float, h: float | None = None, ss: int = SUPERSAM
     return inside.reshape(ny, ss, nx, ss).mean(axis=(1, 3))  # (ny, nx)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mask(cls: str, size: int) -> np.ndarray:
     return coverage_mask(cls, float(size))[:, :, None].astype(np.float32)  # (s, s, 1)
 
@@ -135,12 +136,13 @@ def relations(box_a: Sequence[float], box_b: Sequence[float], threshold: float =
     bx1, by1, bx2, by2 = box_b
     ox = (ax1 + ax2) / 2 - (bx1 + bx2) / 2
     oy = (ay1 + ay2) / 2 - (by1 + by2) / 2
-    rx = max(abs(ox) - POSITION_THRESHOLD * ((ax2 - ax1) + (bx2 - bx1)), 0.0) * np.sign(ox)
-    ry = max(abs(oy) - POSITION_THRESHOLD * ((ay2 - ay1) + (by2 - by1)), 0.0) * np.sign(oy)
+    # plain floats, not numpy scalars: this runs for every placement try of the scene sampler
+    rx = math.copysign(max(abs(ox) - POSITION_THRESHOLD * ((ax2 - ax1) + (bx2 - bx1)), 0.0), ox)
+    ry = math.copysign(max(abs(oy) - POSITION_THRESHOLD * ((ay2 - ay1) + (by2 - by1)), 0.0), oy)
     rels: set[str] = set()
     if abs(rx) < 1e-3 and abs(ry) < 1e-3:
         return {"dx": 0.0, "dy": 0.0, "rels": rels}
-    norm = float(np.hypot(ox, oy))
+    norm = math.hypot(ox, oy)
     dx, dy = rx / norm, ry / norm
     if dx < -threshold:
         rels.add("left of")
@@ -163,8 +165,7 @@ def clear_of(o: Obj, scene: Sequence[Obj], gap: int = MIN_GAP) -> bool:
     if x1 < BORDER or y1 < BORDER or x2 > IMAGE_SIZE - BORDER or y2 > IMAGE_SIZE - BORDER:
         return False
     for p in scene:
-        px1, py1, px2, py2 = p.box
-        if x1 < px2 + gap and px1 < x2 + gap and y1 < py2 + gap and py1 < y2 + gap:
+        if x1 < p.x + p.size + gap and p.x < x2 + gap and y1 < p.y + p.size + gap and p.y < y2 + gap:
             return False
     return True
 
@@ -178,13 +179,32 @@ def is_legal(scene: Sequence[Obj]) -> bool:
     return True
 
 
+def _ri(rng: random.Random, a: int, b: int) -> int:
+    """Uniform integer in [a, b]; randint's generality costs more than a whole drawing here."""
+    return a + int(rng.random() * (b - a + 1))
+
+
 def place(cls: str, color: str, scene: Sequence[Obj], rng: random.Random, tries: int = 200,
           relation: tuple[str, Obj] | None = None, size: int | None = None) -> Obj | None:
     """A random legal placement of one object beside `scene` (optionally `relation` to a target)."""
-    for _ in range(tries):
-        s = size or rng.randint(MIN_SIZE, MAX_SIZE)
-        o = Obj(cls, color, s, rng.randint(BORDER, IMAGE_SIZE - BORDER - s),
-                rng.randint(BORDER, IMAGE_SIZE - BORDER - s))
+    lo, hi = BORDER, IMAGE_SIZE - BORDER
+    for attempt in range(tries):
+        s = size or _ri(rng, MIN_SIZE, MAX_SIZE)
+        x0, x1, y0, y1 = lo, hi - s, lo, hi - s
+        if relation is not None and attempt < tries // 2:
+            # Draw from the side of the target the relation asks for (the margin test still decides).
+            rel, t = relation
+            if rel == "left of":
+                x1 = min(x1, t.x - s - MIN_GAP)
+            elif rel == "right of":
+                x0 = max(x0, t.x + t.size + MIN_GAP)
+            elif rel == "above":
+                y1 = min(y1, t.y - s - MIN_GAP)
+            else:
+                y0 = max(y0, t.y + t.size + MIN_GAP)
+            if x0 > x1 or y0 > y1:
+                continue
+        o = Obj(cls, color, s, _ri(rng, x0, x1), _ri(rng, y0, y1))
         if not clear_of(o, scene):
             continue
         if relation is not None and not holds(relation[0], o, relation[1], RELATION_MARGIN):
@@ -209,7 +229,7 @@ def sample_scene(meta: dict, rng: random.Random | int) -> Scene:
                 rel_name, idx = clause["position"]
                 rel = (rel_name, groups[idx][0])
             for _ in range(clause["count"]):
-                color = clause.get("color") or rng.choice(COLOR_NAMES)
+                color = clause.get("color") or COLOR_NAMES[int(rng.random() * len(COLOR_NAMES))]
                 o = place(clause["class"], color, scene, rng, relation=rel)
                 if o is None:
                     ok = False

@@ -59,3 +59,30 @@ def write() -> None:
     for name, metas in build().items():
         FILES[name].write_text("".join(json.dumps(m) + "\n" for m in metas), encoding="utf-8")
 
+
+
+def resolve_prompts(arg: str, world_only: bool = True) -> list[dict]:
+    """A named prompt set or a GenEval JSONL path -> validated metadata lines.
+
+    Errors name the file and line. With world_only, every line must fit the Shapes world.
+    """
+    from ..spec import PromptError, validate_metadata
+
+    if arg in FILES:
+        path = FILES[arg]
+        if world_only and arg == "geneval":
+            raise PromptError(
+                "prompt set 'geneval' holds COCO classes; the world backend draws only the Shapes "
+                "world (use --prompts geneval-shapes, or a real-scale backend for GenEval itself)"
+            )
+    else:
+        path = Path(arg)
+        if not path.is_file():
+            raise PromptError(f"{arg}: no such prompts file (or named set: {', '.join(FILES)})")
+    metas = load_metadata_file(path)
+    for i, m in enumerate(metas, 1):
+        if world_only:
+            validate_metadata(m, where=f"{path}: line {i}")
+        elif not isinstance(m, dict) or "prompt" not in m:
+            raise PromptError(f"{path}: line {i}: expected a GenEval line with a 'prompt' key")
+    return metas

@@ -1,0 +1,58 @@
+"""Small file helpers shared by every writer: atomic writes, PNG in and out, GenEval layout names."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    # compress_level fixed so the same pixels always give the same bytes
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    atomic_write_bytes(path, png_bytes(image))
+
+
+def load_png(path: str | os.PathLike) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def prompt_dir(root: str | os.PathLike, index: int) -> Path:
+    return Path(root) / f"{index:05d}"
+
+
+def sample_name(k: int) -> str:
+    return f"{k:04d}.png"

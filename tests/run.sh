@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install what the test suite needs, lint, and run it. This is the README's test command and CI's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# torch is pinned: 2.13.0 is the CPU build; an unpinned torch would pull a multi-GB CUDA build.
+python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[test]"
+# The report-page tests drive headless Chromium; install it where we can (root with apt), else they skip.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+    || echo "could not install chromium: the report-page tests will be skipped"
+fi
+ruff check src tests benchmarks
+python -m pytest -q
