@@ -1,0 +1,1 @@
+"""Trainers: the shared flow-matching loop and the world's models."""

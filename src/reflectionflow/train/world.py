@@ -1,0 +1,218 @@
+"""Training the Shapes world's generator on scenes rendered on the fly.
+
+Data: every batch draws GenEval categories by `tag_weights`, a prompt uniformly from that
+category's whole prompt space (`spec._all_combinations`: 2,934 prompts over the six categories)
+and a scene seed, and renders the ground truth with `render_batch`. Scene seeds are drawn from
+[2**40, 2**62): the benchmark, the validation set and the engine seed their images with small
+integers (prompt index, chain, round), so no training image is ever one of theirs.
+
+Batch `s` depends only on (seed, s), so DataLoader workers can produce batches in any process
+and a resumed run sees exactly the batches the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..models.flow import RectifiedFlow
+from ..models.mmdit import SIZES, MMDiT, count_parameters
+from ..models.text import Tokenizer
+from ..world import spec
+from ..world.render import render_batch
+from .loop import Batch, TrainConfig, TrainResult, resolve_device, to_uint8, train_flow_model
+
+TRAIN_SEED_FLOOR = 2**40
+# Harder categories get more of the data; every category keeps a share (GenEval weighs them equally).
+DEFAULT_TAG_WEIGHTS = {"single_object": 0.10, "two_object": 0.15, "counting": 0.20, "colors": 0.10,
+                       "position": 0.20, "color_attr": 0.25}
+DATA_DIR = Path(spec.__file__).parent / "data"
+
+
+@dataclass
+class WorldTrainConfig(TrainConfig):
+    out_dir: str = "runs/world-generator"
+    tag_weights: dict = field(default_factory=lambda: dict(DEFAULT_TAG_WEIGHTS))
+    val_prompts: int = 120  # validation prompts sampled and scored at every sample_every (0: none)
+    final_eval: bool = True  # score the EMA model on GenEval-Shapes (553 prompts, one sample each)
+    final_eval_prompts: int | None = None  # fewer, spread over the categories (quick runs); None: all
+    eval_batch: int = 256
+
+    def validate(self) -> WorldTrainConfig:
+        super().validate()
+        if self.model_size not in SIZES:
+            raise ValueError(f"model_size {self.model_size!r}; accepted: {', '.join(SIZES)}")
+        bad = sorted(set(self.tag_weights) - set(spec.TAGS))
+        if bad:
+            raise ValueError(f"tag_weights has unknown categories {bad}; accepted: {', '.join(spec.TAGS)}")
+        if any(w < 0 for w in self.tag_weights.values()) or sum(self.tag_weights.values()) <= 0:
+            raise ValueError("tag_weights must be >= 0 with a positive sum")
+        return self
+
+
+class WorldBatches(IterableDataset):
+    """Endless batches (images, token ids, category ids) starting at `start_step`; worker w of n
+    makes the batches of steps start+w, start+w+n, ... (the DataLoader yields them in order)."""
+
+    def __init__(self, batch_size: int, seed: int, start_step: int, tag_weights: dict, tokenizer: Tokenizer):
+        self.batch_size, self.seed, self.start_step = batch_size, seed, start_step
+        self.tokenizer = tokenizer
+        w = np.array([tag_weights.get(t, 0.0) for t in spec.TAGS], dtype=np.float64)
+        self.p = w / w.sum()
+        self.pools = [spec._all_combinations(t) for t in spec.TAGS]
+
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step])
+        tags = rng.choice(len(spec.TAGS), size=self.batch_size, p=self.p)
+        metas = [self.pools[t][rng.integers(len(self.pools[t]))] for t in tags]
+        seeds = rng.integers(TRAIN_SEED_FLOOR, 2**62, size=self.batch_size).tolist()
+        images = torch.from_numpy(render_batch(metas, seeds))  # (B, 64, 64, 3) uint8
+        text = self.tokenizer([m["prompt"] for m in metas])  # (B, L)
+        return images, text, torch.from_numpy(tags)
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start_step + wid
+        while True:
+            yield self.batch_at(step)
+            step += n
+
+
+def world_batches(cfg: WorldTrainConfig, tokenizer: Tokenizer):
+    def make(start_step: int) -> Iterator[Batch]:
+        ds = WorldBatches(cfg.batch_size, cfg.seed, start_step, cfg.tag_weights, tokenizer)
+        loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
+                            pin_memory=resolve_device(cfg.device).type == "cuda",
+                            prefetch_factor=4 if cfg.num_workers else None)
+        for images, text, tags in loader:
+            yield Batch(images=images, text=text, tags=tags)
+
+    return make
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and scoring
+
+
+def load_prompt_file(name: str) -> list[dict]:
+    """A prompt set shipped with the world (geneval_shapes.jsonl: the benchmark; *_val: validation)."""
+    return spec.load_metadata_file(DATA_DIR / name)
+
+
+def spread(metas: Sequence[dict], n: int) -> list[dict]:
+    """n prompts taken evenly through a category-ordered file, so every category is represented."""
+    if n >= len(metas):
+        return list(metas)
+    idx = np.linspace(0, len(metas) - 1, n).round().astype(int)
+    return [metas[i] for i in idx]
+
+
+@torch.no_grad()
+def generate_images(model: MMDiT, prompts: Sequence[str], seeds: Sequence[int], steps: int = 20,
+                    cfg_scale: float = 3.0, batch_size: int = 256) -> tuple[np.ndarray, int]:
+    """(B, 64, 64, 3) uint8 images, one per (prompt, seed), and the NFE per image. The noise for a
+    seed is drawn on the CPU so the same seed gives the same image on any device."""
+    dev = next(model.parameters()).device
+    c = model.config
+    flow = RectifiedFlow(model, model.tokenizer([""])[0].to(dev), text_dropout=0.0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    out, nfe = [], 0
+    model.eval()
+    for i in range(0, len(prompts), batch_size):
+        noise = torch.stack([torch.randn(c.channels, c.image_size, c.image_size,
+                                         generator=torch.Generator().manual_seed(int(s)))
+                             for s in seeds[i : i + batch_size]]).to(dev)
+        text = model.tokenizer(list(prompts[i : i + batch_size])).to(dev)
+        with autocast:
+            res = flow.sample(noise, text, steps=steps, cfg=cfg_scale)
+        out.append(to_uint8(res.images).numpy())
+        nfe = res.nfe
+    return np.concatenate(out), nfe
+
+
+def score_images(images: np.ndarray, metas: Sequence[dict]) -> dict | None:
+    """GenEval-Shapes summary (overall, per category) from the world's evaluator, or None while
+    that module is not part of the installed package."""
+    try:
+        from ..world.evaluate import evaluate_image, summarize
+    except ImportError:
+        return None
+    rows = [{"tag": m["tag"], "correct": evaluate_image(img, m).correct} for img, m in zip(images, metas)]
+    return summarize(rows)
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int = 16) -> None:
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    rows = -(-n // columns)
+    canvas = np.full((rows * (h + 2), columns * (w + 2), 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = img
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+
+
+def evaluate_generator(model: MMDiT, metas: Sequence[dict], steps: int, cfg_scale: float,
+                       batch_size: int = 256) -> tuple[np.ndarray, dict | None, int]:
+    """One sample per prompt (noise seed = prompt index): images, summary, NFE per image."""
+    images, nfe = generate_images(model, [m["prompt"] for m in metas], list(range(len(metas))), steps,
+                                  cfg_scale, batch_size)
+    return images, score_images(images, metas), nfe
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class WorldTrainResult:
+    train: TrainResult
+    parameters: int
+    scores: dict | None  # GenEval-Shapes summary of the final EMA model (None: not evaluated)
+
+
+def train_world_generator(cfg: WorldTrainConfig) -> WorldTrainResult:
+    """Train the world's text-to-image MMDiT; OUT/ema holds the shippable fp16 weights."""
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+    model = MMDiT(SIZES[cfg.model_size](**cfg.model_overrides))
+    val_metas = spread(load_prompt_file("geneval_shapes_val.jsonl"), cfg.val_prompts) if cfg.val_prompts else []
+
+    def validate(step: int, ema: MMDiT) -> None:
+        if not val_metas:
+            return
+        images, summary, _ = evaluate_generator(ema, val_metas, cfg.sample_steps, cfg.cfg_scale, cfg.eval_batch)
+        save_grid(images[:96], out / "samples" / f"step_{step:06d}.png")
+        log = out / "val.jsonl"
+        rows = [ln for ln in log.read_text().splitlines() if json.loads(ln)["step"] < step] if log.exists() else []
+        rows.append(json.dumps({"step": step, "scores": summary}))  # a resumed run rewrites its later lines
+        log.write_text("".join(r + "\n" for r in rows))
+        if summary is not None and cfg.progress:
+            from tqdm import tqdm
+
+            cats = " ".join(f"{k[:5]}={v:.2f}" for k, v in summary["categories"].items())
+            tqdm.write(f"step {step}: val overall {summary['overall']:.3f} ({cats})")
+
+    result = train_flow_model(cfg, model, world_batches(cfg, model.tokenizer), validate)
+    scores = None
+    if cfg.final_eval:
+        metas = load_prompt_file("geneval_shapes.jsonl")
+        metas = spread(metas, cfg.final_eval_prompts) if cfg.final_eval_prompts else metas
+        images, scores, nfe = evaluate_generator(result.ema, metas, cfg.sample_steps, cfg.cfg_scale, cfg.eval_batch)
+        save_grid(images, out / "samples" / "benchmark.png", columns=24)
+        np.savez_compressed(out / "benchmark_samples.npz", images=images)
+        report = {"scores": scores, "steps": result.step, "train_minutes": round(result.minutes, 2),
+                  "sample_steps": cfg.sample_steps, "cfg_scale": cfg.cfg_scale, "nfe_per_image": nfe,
+                  "parameters": count_parameters(result.ema), "prompts": len(metas)}
+        (out / "scores.json").write_text(json.dumps(report, indent=1) + "\n")
+    return WorldTrainResult(train=result, parameters=count_parameters(model), scores=scores)

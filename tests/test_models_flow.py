@@ -1,0 +1,87 @@
+"""Rectified flow against exact answers."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from reflectionflow.models.flow import (  # noqa: E402
+    RectifiedFlow,
+    euler,
+    logit_normal,
+    loss_by_bin,
+    path_sample,
+    time_grid,
+)
+
+
+def test_path_hits_its_endpoints_and_target_is_the_velocity():
+    x0, eps = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    assert torch.equal(path_sample(x0, eps, torch.zeros(3)).x_t, x0)
+    assert torch.equal(path_sample(x0, eps, torch.ones(3)).x_t, eps)
+    mid = path_sample(x0, eps, torch.full((3,), 0.25))
+    assert torch.allclose(mid.x_t, 0.75 * x0 + 0.25 * eps)
+    assert torch.equal(mid.target, eps - x0)
+
+
+def test_euler_on_a_constant_velocity_is_exact():
+    x1, c = torch.randn(4, 5), torch.randn(4, 5)
+    out = euler(lambda x, t: c, x1, time_grid(7))
+    assert torch.allclose(out, x1 - c, atol=1e-6)  # x(0) = x(1) - c
+
+
+def test_euler_follows_a_straight_path_to_its_data_point():
+    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+
+    def exact(x, t):  # the true velocity field of a single straight path
+        return (x - x0) / t.view(-1, 1, 1, 1)
+
+    assert torch.allclose(euler(exact, eps, time_grid(5)), x0, atol=1e-5)
+
+
+def test_time_grid_runs_from_noise_to_data():
+    g = time_grid(4, shift=3.0)
+    assert g[0] == 1 and g[-1] == 0 and torch.all(g[1:] < g[:-1])
+    assert torch.allclose(time_grid(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+
+
+class KnowsTheData(torch.nn.Module):
+    """A 'model' that returns the exact velocity (x_t - x0) / t for known data."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+
+    def forward(self, x, t, text, cond=None):
+        return (x - self.x0) / t.view(-1, 1, 1, 1)
+
+
+def test_loss_is_zero_for_the_exact_velocity():
+    x0 = torch.randn(6, 3, 8, 8)
+    flow = RectifiedFlow(KnowsTheData(x0), null_text=torch.zeros(4, dtype=torch.long), text_dropout=0.5)
+    res = flow.loss(x0, torch.ones(6, 4, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    assert res.per_sample.shape == (6,) and res.t.shape == (6,)
+    assert res.loss.item() < 1e-10
+
+
+def test_logit_normal_and_bins():
+    t = logit_normal(10_000, generator=torch.Generator().manual_seed(0))
+    assert 0 < t.min() and t.max() < 1 and abs(t.median().item() - 0.5) < 0.02
+    sums, counts = loss_by_bin(torch.tensor([0.05, 0.15, 0.16, 0.99]), torch.tensor([1.0, 2.0, 4.0, 8.0]), bins=10)
+    assert counts.tolist() == [1, 2, 0, 0, 0, 0, 0, 0, 0, 1] and sums[1] == 6 and sums[9] == 8
+
+
+def test_cfg_counts_two_nfe_per_step_and_one_without():
+    class Zero(torch.nn.Module):
+        def encode_text(self, ids):
+            return ids
+
+        def forward(self, x, t, text, cond=None):
+            return torch.zeros_like(x)
+
+    flow = RectifiedFlow(Zero(), null_text=torch.zeros(4, dtype=torch.long))
+    noise = torch.randn(2, 3, 8, 8)
+    text = torch.ones(2, 4, dtype=torch.long)
+    guided = flow.sample(noise, text, steps=5, cfg=3.0)
+    plain = flow.sample(noise, text, steps=5, cfg=1.0)
+    assert (guided.nfe, plain.nfe) == (10, 5)
+    assert torch.equal(guided.images, noise)
