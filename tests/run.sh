@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # torch is pinned: 2.13.0 is the CPU build; an unpinned torch would pull a multi-GB CUDA build.
-python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[test]"
+python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[test,flux]"
 # The report-page tests drive headless Chromium; install it where we can (root with apt), else they skip.
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \

@@ -1,0 +1,64 @@
+"""`reflectionflow serve`: the project's judges behind an OpenAI-compatible endpoint.
+
+    reflectionflow serve                      # world judges on http://127.0.0.1:8000/v1
+    reflectionflow serve --port 0 --verifier world-oracle --reflector world-oracle
+    reflectionflow generate ... --vlm-url http://127.0.0.1:8000/v1 --vlm-model reflectionflow-world
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the world's verifier and reflector as an OpenAI-compatible chat endpoint",
+        description="An OpenAI-compatible HTTP endpoint (POST /v1/chat/completions with image_url data: URLs, "
+        "GET /v1/models) in front of registered judges, by default the Shapes world's. The project's VLM "
+        "components (--vlm-url) and any OpenAI client can use it. Listens on 127.0.0.1 unless --host says "
+        "otherwise.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
+    p.add_argument("--verifier", help="verifier registry name (default: the world backend's)")
+    p.add_argument("--reflector", help="reflector registry name (default: the world backend's)")
+    p.add_argument("--refiner", help="refiner registry name (default: the world backend's)")
+    p.add_argument("--no-refiner", action="store_true", help="answer refine requests with the current prompt")
+    p.add_argument("--model-name", default="reflectionflow-world", help="the model id clients name (--vlm-model)")
+    p.add_argument("--api-key-env", metavar="VAR",
+                   help="require clients to send the key held in this environment variable")
+    p.add_argument("--log", action="store_true", help="log every request to stderr")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from ..serve import JudgeServer, JudgeService, ServeError, world_judges
+
+    if not 0 <= args.port <= 65535:
+        raise ServeError(f"--port must be in 0..65535, got {args.port}")
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise ServeError(f"--api-key-env {args.api_key_env}: the environment variable is not set")
+    judges = world_judges(args.verifier, args.reflector, args.refiner, no_refiner=args.no_refiner)
+    try:
+        server = JudgeServer(JudgeService(judges, model_name=args.model_name), host=args.host, port=args.port,
+                             api_key=key, log=args.log)
+    except OSError as e:
+        raise ServeError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"reflectionflow serve: listening on {args.host}: anyone who can reach this address can use it",
+              file=sys.stderr)
+    names = ", ".join(f"{k} {v}" for k, v in (judges.names or {}).items())
+    print(f"serving {names} as model {args.model_name!r} at {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

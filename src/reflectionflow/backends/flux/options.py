@@ -1,0 +1,356 @@
+"""The real-scale backend's options: command-line flags, checks before any weights load, and the
+components built from them.
+
+    add_arguments(parser)                  the --flux-* / --lora-* / --vlm-* flags
+    options = options_from_args(args, os.environ)   the only place the API key is read (from the
+                                           variable --vlm-api-key-env names)
+    plan = validate_options(options)       every check: folders, LoRA keys against the transformer's
+                                           shapes (built on the meta device), local model folders,
+                                           the endpoint's reachability, model and key; raises a
+                                           ValueError subclass with a one-line message
+    built = build_components(options, plan=plan)   {"generator": ..., "corrector": ..., ...}
+
+`options.public()` is what config.json may record: everything but the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+
+from ...components import KINDS, ComponentError
+from ..vlm.options import DEFAULT_KEY_ENV, VLMOptions
+from . import DEFAULTS
+from .loading import FluxFolder, FluxPathError, check_flux_folder, meta_transformer
+from .lora import LoRAFile, check_lora_fits, linear_shapes, read_lora_file
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "generator": ("flux",),
+    "corrector": ("reflection", "kontext"),
+    "verifier": ("vlm-yesno", "vlm-score", "local-yesno", "clip"),
+    "reflector": ("vlm",),
+    "refiner": ("vlm",),
+}
+VLM_NAMES = frozenset({"vlm-yesno", "vlm-score", "vlm"})
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+# The original's settings for FLUX.1-dev (REFERENCE.md section 2); schnell is a 4-step model
+# without guidance embedding, Kontext's model card uses guidance 2.5.
+VARIANT_DEFAULTS = {
+    "dev": dict(steps=30, guidance=3.5, max_sequence_length=512),
+    "schnell": dict(steps=4, guidance=0.0, max_sequence_length=256),
+    "kontext": dict(steps=28, guidance=2.5, max_sequence_length=512),
+}
+
+
+class FluxOptionsError(ComponentError):
+    """A real-scale backend option that is missing or does not fit the others."""
+
+
+@dataclass
+class FluxBackendOptions:
+    # Components (registry names); None means DEFAULTS.
+    generator: str | None = None
+    corrector: str | None = None
+    verifier: str | None = None
+    reflector: str | None = None
+    refiner: str | None = None
+    # FLUX
+    flux_path: str | None = None
+    kontext_path: str | None = None
+    lora_path: str | None = None
+    lora_alpha: float | None = None  # None: from the file, else alpha = rank (the released corrector: 32 / 32)
+    height: int = 1024
+    width: int = 1024
+    steps: int | None = None  # None: 30 (dev), 4 (schnell)
+    guidance: float | None = None  # None: 3.5 (dev); schnell ignores it
+    corrector_steps: int | None = None  # None: --steps (the original ignored both for its corrector)
+    corrector_guidance: float | None = None  # None: --guidance (2.5 for Kontext)
+    condition_size: int = 512
+    clip_text: str = "prompt"  # what CLIP sees in the corrector: "prompt" (as trained) or "full" (original script)
+    kontext_include_prompt: bool = False
+    max_sequence_length: int | None = None  # None: 512 (dev), 256 (schnell)
+    batch_size: int = 4  # images per transformer call
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
+    # Local verifiers
+    local_verifier_path: str | None = None
+    clip_path: str | None = None
+    # The OpenAI-compatible endpoint (the key lives in vlm.api_key and is never recorded)
+    vlm: VLMOptions = field(default_factory=VLMOptions)
+
+    def name(self, kind: str) -> str:
+        return getattr(self, kind) or DEFAULTS[kind]
+
+    def public(self) -> dict:
+        """Every option but the API key (what config.json may record)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "vlm"}
+        d["vlm"] = self.vlm.public()
+        return d
+
+
+@dataclass
+class FluxPlan:
+    """What validation found, handed to build_components so nothing is read twice."""
+
+    options: FluxBackendOptions  # with steps / guidance / lengths resolved
+    kinds: tuple[str, ...]
+    flux: FluxFolder | None = None
+    kontext: FluxFolder | None = None
+    lora: LoRAFile | None = None
+    served_models: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser, component_flags: bool = False) -> None:
+    """Add the real-scale backend's flags. `component_flags` also adds --generator / --corrector /
+    --verifier / --reflector / --refiner (leave False where the caller defines them itself)."""
+    if component_flags:
+        g = parser.add_argument_group("components (real-scale backend)")
+        for kind in ("generator", "corrector", "verifier", "reflector", "refiner"):
+            g.add_argument(f"--{kind}", choices=CHOICES[kind], default=None,
+                           help=f"default: {DEFAULTS[kind]}")
+    f = parser.add_argument_group("FLUX (--backend flux)")
+    f.add_argument("--flux-path", metavar="DIR|HUB_ID",
+                   help="FLUX.1-dev or FLUX.1-schnell diffusers folder (or hub id)")
+    f.add_argument("--kontext-path", metavar="DIR|HUB_ID", help="FLUX.1 Kontext folder, for --corrector kontext")
+    f.add_argument("--lora-path", metavar="FILE|DIR",
+                   help="reflection corrector LoRA: pytorch_lora_weights.safetensors (released or ours) or its folder")
+    f.add_argument("--lora-alpha", type=float, help="LoRA alpha if the file does not record it (default: = rank)")
+    f.add_argument("--height", type=int, default=1024)
+    f.add_argument("--width", type=int, default=1024)
+    f.add_argument("--steps", type=int, help="denoising steps (default 30 for dev, 4 for schnell)")
+    f.add_argument("--guidance", type=float, help="embedded guidance scale (default 3.5; schnell has none)")
+    f.add_argument("--corrector-steps", type=int, help="corrector steps (default: --steps)")
+    f.add_argument("--corrector-guidance", type=float, help="corrector guidance (default: --guidance; Kontext 2.5)")
+    f.add_argument("--condition-size", type=int, default=512, help="corrector condition image size in pixels")
+    f.add_argument("--clip-text", choices=("prompt", "full"), default="prompt",
+                   help="CLIP text of the corrector: the refined prompt (as trained) or prompt + reflection")
+    f.add_argument("--max-sequence-length", type=int, help="T5 tokens (default 512; 256 for schnell)")
+    f.add_argument("--flux-batch-size", type=int, default=4, help="images per transformer call")
+    f.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda if available)")
+    f.add_argument("--dtype", choices=DTYPES, default="auto", help="default: bfloat16 on GPU, float32 on CPU")
+    v = parser.add_argument_group("VLM judges (OpenAI-compatible endpoint)")
+    v.add_argument("--vlm-url", metavar="URL", help="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    v.add_argument("--vlm-model", metavar="NAME", help="e.g. gpt-4o or Qwen/Qwen2.5-VL-7B-Instruct")
+    v.add_argument("--vlm-api-key-env", metavar="VAR",
+                   help=f"environment variable holding the API key (default {DEFAULT_KEY_ENV}; "
+                   "a variable named here must be set)")
+    v.add_argument("--vlm-concurrency", type=int, default=8, help="calls in flight at once")
+    v.add_argument("--vlm-timeout", type=float, default=60.0, help="seconds per call before it is retried")
+    v.add_argument("--vlm-retries", type=int, default=4, help="retries on 429 / 5xx / timeouts")
+    v.add_argument("--vlm-reflector-style", choices=("instruct", "reflection-generator"), default="instruct",
+                   help="instruct: GPT-4o / Qwen2.5-VL-Instruct; reflection-generator: the released reflection model")
+    loc = parser.add_argument_group("local verifiers")
+    loc.add_argument("--local-verifier-path", metavar="DIR", help="transformers VLM folder for --verifier local-yesno")
+    loc.add_argument("--clip-path", metavar="DIR", help="CLIP folder for --verifier clip")
+
+
+def options_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> FluxBackendOptions:
+    """Options from parsed flags; the API key comes from `environ` (the caller passes os.environ)."""
+    key_env = getattr(args, "vlm_api_key_env", None)
+    explicit = key_env is not None
+    key_env = key_env or DEFAULT_KEY_ENV
+    key = environ.get(key_env) or None
+    a = vars(args)
+    vlm = VLMOptions(url=a.get("vlm_url"), model=a.get("vlm_model"), api_key=key, api_key_env=key_env,
+                     api_key_env_explicit=explicit, concurrency=a.get("vlm_concurrency", 8),
+                     timeout=a.get("vlm_timeout", 60.0), retries=a.get("vlm_retries", 4),
+                     reflector_style=a.get("vlm_reflector_style", "instruct"))
+    plain = {f.name for f in fields(FluxBackendOptions)} - {"vlm", "batch_size"}
+    kw = {k: a[k] for k in plain if a.get(k) is not None}
+    if a.get("flux_batch_size") is not None:
+        kw["batch_size"] = a["flux_batch_size"]
+    return FluxBackendOptions(**kw, vlm=vlm)
+
+
+def options_from_dict(d: Mapping, who: str = "flux backend") -> FluxBackendOptions:
+    """Options from a config's dict (no key: pass `vlm.api_key` separately)."""
+    known = {f.name for f in fields(FluxBackendOptions)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise FluxOptionsError(f"{who}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
+    d = dict(d)
+    vlm = d.pop("vlm", None) or {}
+    if isinstance(vlm, Mapping):
+        vknown = {f.name for f in fields(VLMOptions)}
+        vunknown = sorted(set(vlm) - vknown)
+        if vunknown:
+            raise FluxOptionsError(f"{who}: unknown vlm option(s) {', '.join(vunknown)}; "
+                                   f"accepted: {', '.join(sorted(vknown))}")
+        vlm = VLMOptions(**{k: v for k, v in vlm.items() if k != "api_key_set"})
+    return FluxBackendOptions(**d, vlm=vlm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: everything before any weights load
+
+
+def _int(name: str, value, minimum: int, multiple: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value % multiple:
+        extra = f" and a multiple of {multiple}" if multiple > 1 else ""
+        raise FluxOptionsError(f"--{name.replace('_', '-')} must be an integer >= {minimum}{extra}, got {value!r}")
+
+
+def _float(name: str, value, minimum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise FluxOptionsError(f"--{name.replace('_', '-')} must be a number >= {minimum}, got {value!r}")
+
+
+def validate_options(options: FluxBackendOptions, kinds: Sequence[str] = KINDS,
+                     check_endpoint: bool = True) -> FluxPlan:
+    """Check every option the given component kinds need; return the resolved plan.
+
+    Order: names and numbers, folders (JSON only), LoRA keys against the transformer's shapes
+    (meta device), local model folders, then the endpoint (one GET /models). Raises a ValueError
+    subclass with a one-line message naming the flag.
+    """
+    kinds = tuple(kinds)
+    for kind in kinds:
+        if kind not in KINDS:
+            raise FluxOptionsError(f"unknown component kind {kind!r}; accepted: {', '.join(KINDS)}")
+        name = options.name(kind)
+        if name not in CHOICES[kind]:
+            raise FluxOptionsError(f"{kind} {name!r} is not a flux-backend component; accepted: "
+                                   f"{', '.join(CHOICES[kind])}")
+    names = {k: options.name(k) for k in kinds}
+    _int("height", options.height, 2)
+    _int("width", options.width, 2)
+    _int("condition_size", options.condition_size, 2)
+    _int("flux_batch_size", options.batch_size, 1)
+    for name in ("steps", "corrector_steps", "max_sequence_length"):
+        if getattr(options, name) is not None:
+            _int(name, getattr(options, name), 1)
+    for name in ("guidance", "corrector_guidance", "lora_alpha"):
+        if getattr(options, name) is not None:
+            _float(name, getattr(options, name), 0.0)
+    if options.max_sequence_length is not None and options.max_sequence_length > 512:
+        raise FluxOptionsError("--max-sequence-length must be <= 512 (FLUX's T5 limit), "
+                               f"got {options.max_sequence_length}")
+    if options.dtype not in DTYPES:
+        raise FluxOptionsError(f"--dtype {options.dtype!r}; accepted: {', '.join(DTYPES)}")
+    if options.clip_text not in ("prompt", "full"):
+        raise FluxOptionsError(f"--clip-text {options.clip_text!r}; accepted: prompt, full")
+
+    plan = FluxPlan(options=options, kinds=kinds)
+    corrector = names.get("corrector")
+    needs_flux = "generator" in names or corrector == "reflection"
+    if needs_flux:
+        if not options.flux_path:
+            raise FluxOptionsError("the flux backend needs --flux-path (a FLUX.1-dev or FLUX.1-schnell diffusers "
+                                   "folder, or a hub id such as black-forest-labs/FLUX.1-dev)")
+        plan.flux = check_flux_folder(options.flux_path, "flux", "--flux-path")
+    if corrector == "kontext":
+        if not options.kontext_path:
+            raise FluxOptionsError("--corrector kontext needs --kontext-path (a FLUX.1 Kontext diffusers folder, "
+                                   "e.g. black-forest-labs/FLUX.1-Kontext-dev)")
+        plan.kontext = check_flux_folder(options.kontext_path, "kontext", "--kontext-path")
+    for folder, flag in ((plan.flux, "--height/--width"), (plan.kontext, "--height/--width")):
+        if folder is not None:
+            mult = folder.vae_scale_factor * 2
+            if options.height % mult or options.width % mult:
+                raise FluxOptionsError(f"{flag} must be multiples of {mult} for {folder.path}, "
+                                       f"got {options.height}x{options.width}")
+            if corrector == "reflection" and folder is plan.flux and options.condition_size % mult:
+                raise FluxOptionsError(f"--condition-size must be a multiple of {mult}, got {options.condition_size}")
+    if corrector == "reflection":
+        if not options.lora_path:
+            raise FluxOptionsError("--corrector reflection needs --lora-path (the FLUX-Corrector LoRA: "
+                                   "pytorch_lora_weights.safetensors or its folder)")
+        plan.lora = read_lora_file(options.lora_path, alpha=options.lora_alpha)
+        check_lora_fits(plan.lora, linear_shapes(meta_transformer(plan.flux)),
+                        where=f"the transformer at {plan.flux.path}")
+    verifier = names.get("verifier")
+    if verifier == "local-yesno":
+        from ..vlm.local import check_model_folder
+
+        if not options.local_verifier_path:
+            raise FluxOptionsError("--verifier local-yesno needs --local-verifier-path (a transformers VLM folder)")
+        check_model_folder(options.local_verifier_path, "--local-verifier-path")
+    if verifier == "clip":
+        from ..vlm.local import check_model_folder
+
+        if not options.clip_path:
+            raise FluxOptionsError("--verifier clip needs --clip-path (a CLIP model folder)")
+        check_model_folder(options.clip_path, "--clip-path", accepted=("clip",))
+    if VLM_NAMES & set(names.values()):
+        options.vlm.check_values()
+        if check_endpoint:
+            plan.served_models = options.vlm.preflight()
+
+    plan.options = _resolved(options, plan)
+    return plan
+
+
+def _resolved(options: FluxBackendOptions, plan: FluxPlan) -> FluxBackendOptions:
+    variant = plan.flux.variant if plan.flux is not None else "dev"
+    base = VARIANT_DEFAULTS[variant]
+    steps = options.steps or base["steps"]
+    guidance = options.guidance if options.guidance is not None else base["guidance"]
+    corrector_guidance = options.corrector_guidance
+    if corrector_guidance is None:
+        kontext = options.name("corrector") == "kontext"
+        corrector_guidance = VARIANT_DEFAULTS["kontext"]["guidance"] if kontext else guidance
+    return replace(options, steps=steps, guidance=guidance, corrector_steps=options.corrector_steps or steps,
+                   corrector_guidance=corrector_guidance,
+                   max_sequence_length=options.max_sequence_length or base["max_sequence_length"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+
+
+def build_components(options: FluxBackendOptions, kinds: Sequence[str] = KINDS, plan: FluxPlan | None = None,
+                     check_endpoint: bool = True) -> dict:
+    """The components of the given kinds, sharing one FLUX load: {kind: component}.
+
+    Validates first unless given the plan `validate_options` returned.
+    """
+    from .components import FluxGenerator, FluxModels, KontextCorrector, ReflectionCorrector, SamplingSettings
+
+    plan = plan or validate_options(options, kinds, check_endpoint=check_endpoint)
+    o = plan.options
+    names = {k: o.name(k) for k in plan.kinds}
+    built: dict = {}
+    models = None
+    if plan.flux is not None or plan.kontext is not None:
+        models = FluxModels.shared(plan.flux or plan.kontext, device=o.device, dtype=o.dtype, kontext=plan.kontext)
+    gen = SamplingSettings(height=o.height, width=o.width, steps=o.steps, guidance=o.guidance,
+                           max_sequence_length=o.max_sequence_length, batch_size=o.batch_size)
+    cor = replace(gen, steps=o.corrector_steps, guidance=o.corrector_guidance)
+    if "generator" in names:
+        built["generator"] = FluxGenerator(models, gen)
+    if names.get("corrector") == "reflection":
+        built["corrector"] = ReflectionCorrector(models, cor, plan.lora, condition_size=o.condition_size,
+                                                 clip_text=o.clip_text)
+    elif names.get("corrector") == "kontext":
+        built["corrector"] = KontextCorrector(models, cor, include_prompt=o.kontext_include_prompt)
+    if any(n in VLM_NAMES for n in names.values()):
+        from ..vlm.judges import VLMRefiner, VLMReflector, VLMScoreVerifier, VLMYesNoVerifier
+
+        client = o.vlm.client()  # one client: one concurrency bound and one set of counters for all
+        vlm_built = {"vlm-yesno": lambda: VLMYesNoVerifier(client), "vlm-score": lambda: VLMScoreVerifier(client)}
+        if names.get("verifier") in vlm_built:
+            built["verifier"] = vlm_built[names["verifier"]]()
+        if names.get("reflector") == "vlm":
+            built["reflector"] = VLMReflector(client, style=o.vlm.reflector_style)
+        if names.get("refiner") == "vlm":
+            built["refiner"] = VLMRefiner(client, with_image=o.vlm.refine_with_image)
+    if names.get("verifier") == "local-yesno":
+        from ..vlm.local import LocalYesNoVerifier
+
+        built["verifier"] = LocalYesNoVerifier(o.local_verifier_path, device=o.device, dtype=o.dtype)
+    elif names.get("verifier") == "clip":
+        from ..vlm.local import CLIPScoreVerifier
+
+        built["verifier"] = CLIPScoreVerifier(o.clip_path, device=o.device, dtype=o.dtype)
+    return built
+
+
+__all__ = [
+    "DEFAULTS", "FluxBackendOptions", "FluxOptionsError", "FluxPathError", "FluxPlan", "add_arguments",
+    "build_components", "options_from_args", "options_from_dict", "validate_options",
+]

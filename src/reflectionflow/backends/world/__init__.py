@@ -1,0 +1,44 @@
+"""The world backend's components, registered by name (components.py imports this package).
+
+Until the trained world models land, these are the defaults: the renderer-backed generator and
+corrector and the oracle verifier and reflector (the exact evaluator and the detector). They make
+every path of the engine run end to end on a CPU in milliseconds, and they are the paper's
+"oracle verifier" upper bound in their own right.
+"""
+
+from __future__ import annotations
+
+from ...components import register
+from .options import NoOptions, build_options
+from .oracle import OracleReflector, OracleVerifier
+from .refine import RuleRefiner
+from .simulated import EditCorrector, RenderGenerator
+
+# What `--backend world` uses when no component name is given.
+DEFAULTS: dict[str, str] = {
+    "generator": "world-render",
+    "verifier": "world-oracle",
+    "reflector": "world-oracle",
+    "refiner": "world-rule",
+    "corrector": "world-edit",
+}
+
+
+def _plain(cls, who: str):
+    def factory(**options):
+        build_options(NoOptions, options, who)
+        return cls()
+
+    return factory
+
+
+register("generator", "world-render", "renderer-backed world generator with configurable flaws (oracle stand-in)")(
+    RenderGenerator)
+register("corrector", "world-edit", "applies the reflection's commands to the detected scene (oracle stand-in)")(
+    EditCorrector)
+register("verifier", "world-oracle", "the exact GenEval-Shapes evaluator as verifier (oracle upper bound)")(
+    _plain(OracleVerifier, "verifier world-oracle"))
+register("reflector", "world-oracle", "edit commands from the detector versus the prompt (oracle)")(
+    _plain(OracleReflector, "reflector world-oracle"))
+register("refiner", "world-rule", "restates a world prompt explicitly, stressing what the reflection fixes")(
+    _plain(RuleRefiner, "refiner world-rule"))

@@ -1,0 +1,169 @@
+"""Sub-commands of the engine: `generate` (search and write a run folder) and `report DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+GENERATE_HELP = """\
+Spend a budget of images per prompt along the noise, prompt or reflection axis and write a
+GenEval-layout run folder (OUT/<NNNNN>/samples/0000.png is the verifier's pick) with every
+candidate in OUT/<NNNNN>/trace.jsonl, the ledger, the resolved config and report.html.
+
+Defaults: the world backend, the reflection method, a budget of 8 (a prompt finishes in well
+under a second on a laptop CPU). Until the trained world models land, the world backend's
+default components are ORACLE stand-ins: the renderer-backed generator (world-render), the
+command-applying corrector (world-edit), the rule refiner (world-rule), and the exact
+GenEval-Shapes evaluator as verifier and the detector as reflector (world-oracle). With the
+oracle verifier, accuracies are the paper's oracle-verifier upper bound.
+
+methods: noise (best-of-N over seeds), zero-order (neighbours of the best noise, Flux-TTS),
+prompt (N chains x M rounds of prompt refinement), reflection (ReflectionFlow: pool, then
+N chains x M rounds of reflect -> refine -> correct). Budget: pool + chains x depth = budget.
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="search along noise / prompt / reflection axes and write a run folder",
+                       description=GENERATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _one_line_errors(g, "generate")
+    g.add_argument("prompt", nargs="?", default=None, help="one prompt (world: a GenEval-Shapes template)")
+    g.add_argument("--prompts", default=None, metavar="FILE|SET",
+                   help="GenEval metadata JSONL, or a named set: geneval-shapes, geneval-shapes-val")
+    g.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON of run settings; flags override it")
+    g.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<method>-b<budget>-s<seed>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out; regenerates nothing on disk")
+    s = g.add_argument_group("search")
+    s.add_argument("--method", default=None, help="noise | zero-order | prompt | reflection (default reflection)")
+    s.add_argument("--budget", type=int, default=None, help="images per prompt, every kind counted (default 8)")
+    s.add_argument("--chains", type=int, default=None, help="prompt / reflection: parallel chains N")
+    s.add_argument("--depth", type=int, default=None, help="prompt / reflection: rounds per chain M")
+    s.add_argument("--pool", type=int, default=None, help="reflection: initial noise pool P (P + N x M = budget)")
+    s.add_argument("--seed", type=int, default=None, help="run seed; every image's seed derives from it (default 0)")
+    s.add_argument("--backtrack", action="store_true", default=None,
+                   help="reflection: correct each chain's best image so far, not its latest")
+    s.add_argument("--early-stop", type=float, default=None, metavar="SCORE",
+                   help="prompt / reflection: stop a chain once the verifier says yes with this score")
+    s.add_argument("--reallocate", default=None, metavar="WHERE",
+                   help="with --early-stop, where saved images go: none | chains (default) | prompts")
+    s.add_argument("--no-refine", dest="refine_prompts", action="store_false", default=None,
+                   help="reflection: keep the original prompt (no prompt refinement)")
+    s.add_argument("--neighbors", type=int, default=None, help="zero-order: neighbours per round (default 4)")
+    s.add_argument("--threshold", type=float, default=None, help="zero-order: cosine to the pivot (default 0.95)")
+    c = g.add_argument_group("components")
+    c.add_argument("--backend", default=None, help="world (default)")
+    for kind in ("generator", "verifier", "reflector", "refiner", "corrector"):
+        c.add_argument(f"--{kind}", default=None, metavar="NAME", help=f"{kind} by registry name (backend default)")
+    from .backends import BACKENDS
+
+    for backend in BACKENDS.values():
+        if backend.add_arguments is not None:
+            backend.add_arguments(g)
+    x = g.add_argument_group("execution")
+    x.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
+    x.add_argument("--batch-size", type=int, default=None, help="requests per component call (default 64)")
+    x.add_argument("--prompt-batch", type=int, default=None, help="prompts searched together (default 64)")
+    x.add_argument("--workers", type=int, default=None, help="component calls in flight at once (default 1)")
+    x.add_argument("--quiet", action="store_true", help="no progress bar")
+    x.add_argument("--no-report", action="store_true", help="skip report.html (rebuild it with `report DIR`)")
+    g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("report", help="rebuild report.html and the ledger totals of a run folder",
+                       description="Rebuild OUT/ledger.json from the traces and OUT/report.html (the trace "
+                       "viewer: every prompt's chains as a tree of thumbnails, the selection marked).")
+    _one_line_errors(r, "report")
+    r.add_argument("dir", help="a run folder written by `reflectionflow generate`")
+    r.add_argument("--no-evaluate", action="store_true", help="no evaluator column in the best-of-k table")
+    r.set_defaults(func=cmd_report)
+
+
+def _one_line_errors(parser: argparse.ArgumentParser, name: str) -> None:
+    # argparse prints the whole usage before an error; the project's errors are one line.
+    def error(message: str):
+        parser.exit(2, f"reflectionflow {name}: error: {message}\n")
+
+    parser.error = error
+
+
+_FLAG_FIELDS = ("method", "budget", "chains", "depth", "pool", "seed", "backtrack", "early_stop", "reallocate",
+                "refine_prompts", "neighbors", "threshold", "backend", "generator", "verifier", "reflector",
+                "refiner", "corrector", "limit", "batch_size", "prompt_batch", "workers")
+
+
+def build_config(args):
+    from ..config import from_dict, load_config_file
+
+    data = load_config_file(args.config) if args.config else {}
+    for name in _FLAG_FIELDS:
+        v = getattr(args, name, None)
+        if v is not None:
+            data[name] = v
+    data["progress"] = not args.quiet
+    from .backends import BACKENDS
+
+    backend = BACKENDS.get(data.get("backend", "world"))
+    if backend is not None and backend.options_from_args is not None:
+        options = {k: dict(v) for k, v in (data.get("options") or {}).items()}
+        for kind, opts in backend.options_from_args(args, os.environ).items():
+            options.setdefault(kind, {}).update(opts)  # flags override the config file
+        data["options"] = options
+    return from_dict(data, where=args.config or "flags")
+
+
+def cmd_generate(args) -> int:
+    from ..engine import generate, prepare
+
+    config = build_config(args)
+    out = args.out or f"runs/{config.method}-b{config.budget}-s{config.seed}"
+    # Every check first (config, prompts, folder): bad input never costs a model load.
+    prepare(config, out, prompt=args.prompt, prompts=args.prompts, resume=args.resume)
+    result = generate(config, out, prompt=args.prompt, prompts=args.prompts, resume=args.resume,
+                      progress=config.progress, report=not args.no_report)
+    led = result.ledger
+    tot = led["totals"]
+    scores = [d.get("score") for d in result.selected.values() if d.get("score") is not None]
+    yes = [bool(d.get("yes")) for d in result.selected.values() if d.get("yes") is not None]
+    print(f"{led['prompts_done']}/{led['prompts']} prompts, {tot['images']} images "
+          f"({led['budget_per_prompt']} per prompt), NFE {tot['nfe']}, VLM calls {tot['vlm_calls']}, "
+          f"{tot['wall_s']:.1f} s in components")
+    if scores:
+        msg = f"selection: mean verifier score {sum(scores) / len(scores):.3f}"
+        if yes:
+            msg += f", verifier yes {sum(yes)}/{len(yes)}"
+        print(msg + f" (verifier {led['verifier']})")
+    if len(result.selected) == 1:
+        (i, d), = result.selected.items()
+        print(f"selected: {Path(out) / f'{i:05d}' / d['file']} -> {Path(out) / f'{i:05d}' / 'samples' / '0000.png'}")
+    print(f"wrote {out}/ (ledger.json, config.json{'' if args.no_report else ', report.html'}); "
+          f"score it with: reflectionflow evaluate {out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..report import write_report
+    from ..runs import RunFolder, RunFolderError
+    from .runner import write_ledger
+
+    folder = RunFolder(Path(args.dir))
+    if not folder.root.is_dir():
+        raise RunFolderError(f"{folder.root}: no such run folder")
+    config = folder.read_config()
+    if config is None:
+        raise RunFolderError(f"{folder.root}: no config.json; not a run folder of `reflectionflow generate`")
+    cfg = config.get("config", {})
+    old = folder.ledger_path
+    session = {}
+    if old.is_file():
+        import json
+
+        try:
+            session = json.loads(old.read_text(encoding="utf-8")).get("session", {})
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            session = {}
+    led = write_ledger(folder, folder.prompt_indices(), cfg.get("budget", 0), config.get("components", {}), session)
+    path = write_report(folder.root, evaluate=not args.no_evaluate)
+    print(f"{led['prompts_done']}/{led['prompts']} prompts, {led['totals']['images']} images; "
+          f"wrote {folder.ledger_path} and {path}", file=sys.stdout)
+    return 0

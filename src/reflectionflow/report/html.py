@@ -1,0 +1,241 @@
+"""report.html: a static, offline page that tells a run's whole story.
+
+One self-contained file beside the run's images (relative links, inline CSS and SVG, no network):
+the resolved config, the ledger by stage, the post-hoc best-of-k curve, and for every prompt its
+candidates as a tree of thumbnails (noise pool, chains, zero-order neighbours) with each image's
+verifier score, the reflection that produced it and the prompt it was made from; the final
+selection is marked. The only script is an `onerror` on each thumbnail that reports a missing
+image to the console, so a headless browser can check the page.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+from ..engine.candidates import Candidate
+from ..engine.posthoc import CurvePoint, best_of_k
+from ..io import atomic_write_text
+from ..runs import RunFolder
+
+OPEN_PROMPTS = 12  # prompts shown expanded
+EAGER_IMAGES = 400  # thumbnails loaded at once; the rest lazily (big runs)
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:24px 0 8px}
+table{border-collapse:collapse;margin:6px 0} td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th{background:#f0f0f0} td.l,th.l{text-align:left}
+.muted{color:#777} .note{background:#fff7e0;border:1px solid #f0d890;padding:6px 10px;margin:8px 0}
+details.prompt{background:#fff;border:1px solid #ddd;border-radius:6px;margin:8px 0;padding:6px 10px}
+details.prompt>summary{cursor:pointer;font-weight:600}
+.ok{color:#18794e} .bad{color:#b42318}
+.grid{display:flex;flex-wrap:wrap;gap:6px;margin:6px 0}
+.row{display:flex;align-items:flex-start;gap:4px;margin:4px 0}
+.branches{display:flex;flex-direction:column}
+.arrow{align-self:center;color:#999;font-size:18px;padding:0 2px}
+figure.node{margin:0;width:132px;border:2px solid #e3e3e3;border-radius:6px;padding:4px;background:#fff}
+figure.node img{width:96px;height:96px;image-rendering:pixelated;display:block;margin:0 auto;background:#999}
+figure.node figcaption{font-size:12px}
+figure.selected{border-color:#18794e;box-shadow:0 0 0 2px #18794e55}
+.badge{background:#18794e;color:#fff;border-radius:3px;padding:0 4px;font-size:11px}
+.refl{font:11px/1.3 ui-monospace,monospace;white-space:pre-wrap;color:#444;margin-top:2px}
+.pr{font-size:11px;color:#555;margin-top:2px}
+.err{font-size:11px;color:#b42318}
+.label{font-size:12px;color:#555;margin:6px 0 0}
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def write_report(root: str | Path, evaluate: bool = True) -> Path:
+    """Build OUT/report.html from the folder (config, ledger, traces, done-markers)."""
+    folder = RunFolder(Path(root))
+    config = folder.read_config() or {}
+    ledger = json.loads(folder.ledger_path.read_text(encoding="utf-8")) if folder.ledger_path.is_file() else {}
+    curve = best_of_k(folder.root, evaluate=evaluate)
+    body = [_header(folder, config, ledger), _ledger_table(ledger), _curve_section(curve)]
+    body.append("<h2>Prompts</h2>")
+    counter = [0]
+    for n, i in enumerate(folder.prompt_indices()):
+        body.append(_prompt_section(folder, i, open_=n < OPEN_PROMPTS, counter=counter))
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>reflectionflow run {_e(folder.root.name)}</title><style>{CSS}</style></head>"
+            "<body>\n" + "\n".join(body) + "\n</body></html>\n")
+    atomic_write_text(folder.report_path, page)
+    return folder.report_path
+
+
+def _header(folder: RunFolder, config: dict, ledger: dict) -> str:
+    cfg = config.get("config", {})
+    comps = config.get("components", {})
+    split = ""
+    if cfg.get("method") in ("prompt", "reflection"):
+        split = f" = {cfg.get('pool') or 0} pool + {cfg.get('chains')} chains x {cfg.get('depth')} rounds"
+    rows = [("method", cfg.get("method")), ("budget (images per prompt)", f"{cfg.get('budget')}{split}"),
+            ("seed", cfg.get("seed")), ("backend", cfg.get("backend"))]
+    rows += [(k, v) for k, v in comps.items()]
+    relevant = {"zero-order": ("neighbors", "threshold"), "prompt": ("early_stop", "reallocate"),
+                "reflection": ("refine_prompts", "backtrack", "early_stop", "reallocate")}
+    for k in relevant.get(cfg.get("method"), ()):
+        if k in cfg and not (k == "reallocate" and cfg.get("early_stop") is None):
+            rows.append((k, cfg[k]))
+    out = [f"<h1>reflectionflow run: {_e(folder.root.name)}</h1>",
+           f"<div class=muted>reflectionflow {_e(config.get('reflectionflow', '?'))}; "
+           f"{ledger.get('prompts_done', '?')}/{ledger.get('prompts', '?')} prompts done</div>"]
+    if str(comps.get("verifier", "")).startswith("world-oracle"):
+        out.append("<div class=note>The verifier is the world oracle: the exact GenEval-Shapes evaluator. "
+                   "Accuracies here are the paper's oracle-verifier upper bound, not a learned judge's.</div>")
+    out.append("<h2>Config</h2><table>" + "".join(
+        f"<tr><th class=l>{_e(k)}</th><td class=l>{_e(v)}</td></tr>" for k, v in rows) + "</table>")
+    return "\n".join(out)
+
+
+def _ledger_table(ledger: dict) -> str:
+    if not ledger:
+        return "<h2>Ledger</h2><p class=muted>no ledger.json</p>"
+    tot = ledger["totals"]
+    head = "<tr><th class=l>stage</th><th>requests</th><th>images</th><th>NFE</th><th>VLM calls</th>" \
+           "<th>tokens</th><th>wall s</th></tr>"
+    rows = []
+    for stage, st in tot["by_stage"].items():
+        rows.append(f"<tr><td class=l>{_e(stage)}</td><td>{st['items']}</td><td>{st['images']}</td>"
+                    f"<td>{st['nfe']}</td><td>{st['calls']}</td><td>{st['tokens']}</td><td>{st['wall_s']:.2f}</td></tr>")
+    rows.append(f"<tr><th class=l>total</th><th></th><th>{tot['images']}</th><th>{tot['nfe']}</th>"
+                f"<th>{tot['vlm_calls']}</th><th>{tot['tokens']}</th><th>{tot['wall_s']:.2f}</th></tr>")
+    saved = ledger.get("saved")
+    tail = (f"<p>{tot['images']} images for a budget of {ledger['budget_total']} "
+            f"({ledger['budget_per_prompt']} per prompt x {ledger['prompts']} prompts)"
+            f"{'' if not saved else f'; {saved} saved by early stopping'}.</p>")
+    return "<h2>Ledger</h2><table>" + head + "".join(rows) + "</table>" + tail
+
+
+def _curve_section(curve: list[CurvePoint]) -> str:
+    if not curve:
+        return ""
+    has_acc = any(p.accuracy is not None for p in curve)
+    cats = list(curve[-1].categories) if has_acc else []
+    head = "<tr><th>k</th><th>mean verifier score</th><th>verifier yes</th>" + (
+        "<th>accuracy</th>" + "".join(f"<th>{_e(c)}</th>" for c in cats) if has_acc else "") + "</tr>"
+    rows = []
+    for p in curve:
+        cells = [f"{p.k}", _f(p.mean_score), _f(p.yes_rate)]
+        if has_acc:
+            cells += [_f(p.accuracy)] + [_f(p.categories.get(c)) for c in cats]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    what = "accuracy (exact evaluator)" if has_acc else "mean verifier score"
+    ys = [(p.k, p.accuracy if has_acc else p.mean_score) for p in curve]
+    return ("<h2>Best-of-k from this run's trace</h2><p class=muted>Each prompt's verifier pick among its "
+            "first k images in generation order.</p>" + _svg(ys, what) + "<table>" + head + "".join(rows) + "</table>")
+
+
+def _f(x) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
+def _svg(points: list[tuple[int, float | None]], label: str) -> str:
+    pts = [(k, y) for k, y in points if y is not None]
+    if not pts:
+        return ""
+    w, h, pad = 420, 200, 36
+    kmax = max(k for k, _ in pts)
+    lx = max(math.log2(kmax), 1.0)
+
+    def xy(k, y):
+        return pad + (w - 2 * pad) * (math.log2(k) / lx), h - pad - (h - 2 * pad) * y
+
+    poly = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(k, v) for k, v in pts))
+    dots = "".join(f"<circle cx=\"{x:.1f}\" cy=\"{y:.1f}\" r=\"3\" fill=\"#18794e\">"
+                   f"<title>k={k}: {v:.3f}</title></circle>"
+                   f"<text x=\"{x:.1f}\" y=\"{h - pad + 14}\" font-size=\"10\" text-anchor=\"middle\">{k}</text>"
+                   for k, v in pts for x, y in [xy(k, v)])
+    grid = "".join(f"<line x1=\"{pad}\" x2=\"{w - pad}\" y1=\"{h - pad - (h - 2 * pad) * g:.1f}\" "
+                   f"y2=\"{h - pad - (h - 2 * pad) * g:.1f}\" stroke=\"#eee\"/><text x=\"{pad - 4}\" "
+                   f"y=\"{h - pad - (h - 2 * pad) * g + 3:.1f}\" font-size=\"10\" text-anchor=\"end\">{g:.2f}</text>"
+                   for g in (0.0, 0.25, 0.5, 0.75, 1.0))
+    return (f"<svg width=\"{w}\" height=\"{h}\" role=\"img\" "
+            f"aria-label=\"{_e(label)} versus k\">{grid}<polyline fill=\"none\" stroke=\"#18794e\" stroke-width=\"2\" "
+            f"points=\"{poly}\"/>{dots}<text x=\"{w / 2}\" y=\"{h - 4}\" font-size=\"11\" text-anchor=\"middle\">"
+            f"k (images, generation order) - {_e(label)}</text></svg>")
+
+
+def _prompt_section(folder: RunFolder, i: int, open_: bool, counter: list[int]) -> str:
+    cands = [Candidate.from_record(r) for r in folder.load_trace(i)]
+    done = folder.read_done(i)
+    meta_path = folder.prompt_dir(i) / "metadata.jsonl"
+    meta = json.loads(meta_path.read_text(encoding="utf-8").splitlines()[0]) if meta_path.is_file() else {}
+    original = meta.get("prompt", "")
+    selected = done.get("selected") if done else None
+    status = ""
+    if done:
+        sel = next((c for c in cands if c.id == selected), None)
+        yes = sel is not None and sel.verdict.yes
+        status = (f" - selected <b>{_e(selected)}</b> score {_f(done.get('score'))} "
+                  f"<span class={'ok' if yes else 'bad'}>{'yes' if yes else 'no'}</span>")
+    else:
+        status = " - <span class=muted>not finished</span>"
+    summary = (f"<summary>#{i:05d} {_e(original)} <span class=muted>[{_e(meta.get('tag', ''))}] "
+               f"{len(cands)} images</span>{status}</summary>")
+    kids: dict[str | None, list[Candidate]] = {}
+    for c in cands:
+        kids.setdefault(c.parent, []).append(c)
+    roots = kids.get(None, [])
+    leaves = [c for c in roots if c.id not in kids]
+    trees = [c for c in roots if c.id in kids]
+    parts = []
+    ctx = {"folder": f"{i:05d}", "kids": kids, "selected": selected, "original": original, "counter": counter}
+    if leaves:
+        label = "noise samples" if not trees else "initial pool (not continued)"
+        parts.append(f"<div class=label>{label}</div><div class=grid>"
+                     + "".join(_card(c, ctx) for c in leaves) + "</div>")
+    for c in trees:
+        chains = sorted({k.chain for k in kids[c.id] if k.kind in ("correct", "prompt")})
+        what = (f"chain{'s' if len(chains) > 1 else ''} {', '.join(map(str, chains))} from {c.id}"
+                if chains else f"search from {c.id}")
+        parts.append(f"<div class=label>{_e(what)}</div>" + _row(c, ctx))
+    if done and done.get("notes"):
+        parts.append(f"<div class=muted>notes: {_e(json.dumps(done['notes'], sort_keys=True)[:400])}</div>")
+    return f"<details class=prompt{' open' if open_ else ''}>{summary}{''.join(parts)}</details>"
+
+
+def _row(c: Candidate, ctx: dict) -> str:
+    """A candidate, then its descendants: one child continues the row, several branch downwards."""
+    kids = ctx["kids"].get(c.id, [])
+    out = _card(c, ctx)
+    if len(kids) == 1:
+        out += "<span class=arrow>&rarr;</span>" + _row(kids[0], ctx)
+    elif kids:
+        out += "<span class=arrow>&rarr;</span><div class=branches>" + "".join(_row(k, ctx) for k in kids) + "</div>"
+    return f"<div class=row>{out}</div>"
+
+
+def _card(c: Candidate, ctx: dict) -> str:
+    ctx["counter"][0] += 1
+    lazy = " loading=\"lazy\"" if ctx["counter"][0] > EAGER_IMAGES else ""
+    sel = c.id == ctx["selected"]
+    src = f"{ctx['folder']}/{c.file}"
+    yes = ""
+    if c.verdict.yes is not None:
+        yes = " <span class=ok>yes</span>" if c.verdict.yes else " <span class=bad>no</span>"
+    parts = [f"<figure class=\"node{' selected' if sel else ''}\" id=\"p{ctx['folder']}-{_e(c.id)}\">",
+             f"<img src=\"{_e(src)}\" alt=\"{_e(c.id)}\" title=\"seed {c.seed}\"{lazy} "
+             "onerror=\"console.error('report: missing image ' + this.getAttribute('src'))\">",
+             f"<figcaption><b>{_e(c.id)}</b> {_f(c.score) or 'error'}{yes}"
+             f"{' <span class=badge>selected</span>' if sel else ''}</figcaption>"]
+    if c.reflection:
+        parts.append(f"<div class=refl>{_e(c.reflection)}</div>")
+    if c.prompt != ctx["original"]:
+        parts.append(f"<div class=pr>prompt: {_e(c.prompt)}</div>")
+    reason = (c.verdict.details or {}).get("reason") if isinstance(c.verdict.details, dict) else None
+    if reason:
+        parts.append(f"<div class=pr title=\"verifier\">{_e(reason)}</div>")
+    for e in c.errors:
+        parts.append(f"<div class=err>{_e(e)}</div>")
+    if c.verdict.error:
+        parts.append(f"<div class=err>verifier: {_e(c.verdict.error)}</div>")
+    parts.append("</figure>")
+    return "".join(parts)

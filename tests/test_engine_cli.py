@@ -1,0 +1,160 @@
+"""`reflectionflow generate` / `report`: defaults, and bad input as one-line errors before any model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from reflectionflow import engine
+
+from .test_engine_support import outputs, subset_file
+
+
+@pytest.fixture
+def rf(cli, monkeypatch):
+    """The CLI in-process; argparse's own exits are caught too."""
+
+    def call(*argv):
+        try:
+            return cli(*argv)
+        except SystemExit as e:
+            return e.code, "", ""
+
+    return call
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("components were built before the input was checked")
+
+    monkeypatch.setattr(engine, "build_components", refuse)
+
+
+def test_help_says_oracle_components_are_the_default(capsys):
+    from reflectionflow.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    assert "ORACLE" in text and "world-oracle" in text and "reflection method" in text
+
+
+def test_default_generate_then_evaluate_and_report(rf, tmp_path):
+    out = tmp_path / "one"
+    code, stdout, err = rf("generate", "a photo of a cross left of a ring", "--out", out, "--quiet")
+    assert code == 0, err
+    assert "8 images" in stdout and "verifier world-oracle" in stdout
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert (cfg["backend"], cfg["method"], cfg["budget"]) == ("world", "reflection", 8)
+    for name in ("config.json", "ledger.json", "report.html", "00000/metadata.jsonl", "00000/trace.jsonl",
+                 "00000/samples/0000.png", "00000/done.json"):
+        assert (out / name).is_file(), name
+    code, stdout, err = rf("evaluate", out, "--quiet")
+    assert code == 0 and "overall" in stdout, err
+    (out / "report.html").unlink()
+    code, stdout, err = rf("report", out)
+    assert code == 0 and (out / "report.html").is_file() and "1/1 prompts, 8 images" in stdout
+
+
+def test_config_file_and_flags(rf, tmp_path):
+    prompts = subset_file(tmp_path, 1)
+    conf = tmp_path / "run.yaml"
+    conf.write_text("method: prompt\nbudget: 4\nseed: 3\noptions:\n  generator:\n    p_relation: 0.9\n")
+    out = tmp_path / "cfg"
+    code, _, err = rf("generate", "--prompts", prompts, "--config", conf, "--budget", "6", "--out", out, "--quiet",
+                      "--no-report")
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert (cfg["method"], cfg["budget"], cfg["seed"], cfg["chains"], cfg["depth"]) == ("prompt", 6, 3, 2, 3)
+    assert cfg["options"] == {"generator": {"p_relation": 0.9}}
+    assert not (out / "report.html").exists()
+
+
+def _bad(rf, capsys_err, *argv):
+    code, _, err = rf(*argv)
+    return code, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", ""], "empty prompt; templates:"),
+    (["generate", "a photo of a purple dog"], "unknown words: dog"),
+    (["generate", "a photo of a purple dog"], "classes: circle, square, triangle, diamond, cross, ring"),
+    (["generate", "--prompts", "/nonexistent/p.jsonl"], "no such prompts file"),
+    (["generate", "a photo of a ring", "--budget", "0"], "budget must be an integer >= 1, got 0"),
+    (["generate", "a photo of a ring", "--budget", "many"], "argument --budget: invalid int value: 'many'"),
+    (["generate", "a photo of a ring", "--method", "beam"],
+     "unknown method 'beam'; accepted: noise, zero-order, prompt, reflection"),
+    (["generate", "a photo of a ring", "--verifier", "gpt5"], "unknown verifier 'gpt5'; accepted: "),
+    (["generate", "a photo of a ring", "--backend", "dalle"], "unknown backend 'dalle'; accepted: world"),
+    (["generate", "a photo of a ring", "--chains", "2", "--depth", "4", "--pool", "1"],
+     "pool + chains x depth = 1 + 2 x 4 = 9, but --budget is 8"),
+    (["generate"], "give either a PROMPT or --prompts"),
+    (["generate", "a photo of a ring", "--prompts", "geneval-shapes"], "not both"),
+    (["generate", "a photo of a ring", "--reallocate", "sideways", "--early-stop", "1"],
+     "unknown reallocate 'sideways'; accepted: none, chains, prompts"),
+])
+def test_bad_input_is_one_line_exit_2_before_any_model_loads(rf, tmp_path, no_models, capsys, argv, message):
+    out = tmp_path / "never"
+    code, _, err = rf(*argv, "--out", out)
+    err = err or capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err
+    assert not out.exists()
+
+
+def test_malformed_prompts_files_name_the_line(rf, tmp_path, no_models, capsys):
+    good = json.dumps({"tag": "single_object", "include": [{"class": "ring", "count": 1}],
+                       "prompt": "a photo of a ring"})
+    cases = [
+        ("{not json", ":2: not valid JSON"),
+        (json.dumps({"include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"}),
+         "line 2: unknown class 'dog'; the Shapes world has circle, square"),
+        (json.dumps({"include": [{"class": "ring", "count": 1}]}), "line 2: missing key 'prompt'"),
+    ]
+    for k, (line, message) in enumerate(cases):
+        p = tmp_path / f"p{k}.jsonl"
+        p.write_text(good + "\n" + line + "\n")
+        code, _, err = rf("generate", "--prompts", p, "--out", tmp_path / f"o{k}")
+        err = err or capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    conf = tmp_path / "bad.yaml"
+    conf.write_text("method: noise\nbudgett: 4\n")
+    code, _, err = rf("generate", "a photo of a ring", "--config", conf, "--out", tmp_path / "c")
+    err = err or capsys.readouterr().err
+    assert code == 2 and "unknown setting(s) budgett; accepted: method, budget" in err
+
+
+def test_a_folder_holding_another_run_is_refused_and_kept(rf, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert rf("generate", "a photo of two rings", "--out", out, "--quiet")[0] == 0
+    before = outputs(out)
+    config_before = (out / "config.json").read_bytes()
+    monkeypatch.setattr(engine, "build_components", lambda *a, **k: pytest.fail("built components"))
+    for extra, message in [
+        (["--budget", "4"], "already holds a different run (budget: 8 -> 4"),
+        ([], "already holds a run with the same config; pass --resume"),
+        (["--budget", "4", "--resume"], "--resume: "),
+    ]:
+        code, _, err = rf("generate", "a photo of two rings", "--out", out, "--quiet", *extra)
+        err = err or capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = rf("generate", "a photo of three rings", "--out", out, "--quiet", "--resume")
+    err = err or capsys.readouterr().err
+    assert code == 2 and "prompts.sha256" in err
+    assert outputs(out) == before and (out / "config.json").read_bytes() == config_before
+    (tmp_path / "file").write_text("x")
+    code, _, err = rf("generate", "a photo of two rings", "--out", tmp_path / "file")
+    err = err or capsys.readouterr().err
+    assert code == 2 and "exists and is not a folder" in err
+
+
+def test_report_on_a_folder_that_is_not_a_run(rf, tmp_path, capsys):
+    code, _, err = rf("report", tmp_path / "missing")
+    err = err or capsys.readouterr().err
+    assert code == 2 and "no such run folder" in err
+    code, _, err = rf("report", tmp_path)
+    err = err or capsys.readouterr().err
+    assert code == 2 and "no config.json" in err
