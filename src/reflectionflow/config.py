@@ -25,6 +25,12 @@ METHOD_COMPONENTS: dict[str, tuple[str, ...]] = {
 }
 # Settings that change how fast a run goes but never what it produces; `--resume` may change them.
 EXECUTION_KEYS: frozenset[str] = frozenset({"batch_size", "workers", "progress", "prompt_batch", "limit"})
+# The same for backend_options (dotted paths into it): the flux backend's images per transformer
+# call, and how its VLM client reaches the endpoint (concurrency, patience, which variable holds the key).
+BACKEND_EXECUTION_KEYS: frozenset[str] = frozenset({
+    "batch_size", "vlm.concurrency", "vlm.timeout", "vlm.retries", "vlm.backoff", "vlm.api_key_env",
+    "vlm.api_key_env_explicit", "vlm.api_key_set",
+})
 
 
 class ConfigError(ValueError):
@@ -48,6 +54,9 @@ class RunConfig:
     refiner: str | None = None
     corrector: str | None = None
     options: dict[str, dict] = field(default_factory=dict)  # per component kind: constructor options
+    # Settings every component of the backend shares (flux: folders, sizes, the VLM endpoint), as
+    # the backend records them. Never a secret: API keys travel apart (engine/backends.py).
+    backend_options: dict = field(default_factory=dict)
     # Search variants.
     neighbors: int = 4  # zero-order: neighbours per round (Flux-TTS default)
     threshold: float = 0.95  # zero-order: cosine similarity of a neighbour to its pivot noise
@@ -72,7 +81,12 @@ class RunConfig:
         keys = set(EXECUTION_KEYS)
         if self.reallocate == "prompts" and self.early_stop is not None:
             keys.discard("prompt_batch")  # the share group then changes what each prompt gets
-        return {k: v for k, v in d.items() if k not in keys}
+        out = {k: v for k, v in d.items() if k not in keys}
+        if self.backend_options:
+            out["backend_options"] = _without(self.backend_options, BACKEND_EXECUTION_KEYS)
+        else:
+            del out["backend_options"]  # backends without shared settings: identities as before the field
+        return out
 
     def validate(self) -> RunConfig:
         """Check every field on its own and against the others; return a copy with the split resolved."""
@@ -92,6 +106,9 @@ class RunConfig:
                 f"options must map a component kind ({', '.join(COMPONENT_KINDS)}) to a dict of settings, "
                 f"got {self.options!r}"
             )
+        if not isinstance(self.backend_options, dict):
+            raise ConfigError(f"backend_options must be a mapping of the backend's settings, "
+                              f"got {self.backend_options!r}")
         if self.method == "zero-order":
             _check_int("neighbors", self.neighbors, 1)
             if not isinstance(self.threshold, (int, float)) or not 0.0 < float(self.threshold) < 1.0:
@@ -107,6 +124,17 @@ class RunConfig:
         if self.backtrack and self.method != "reflection":
             raise ConfigError(f"backtrack applies to the reflection method, not {self.method!r}")
         return replace(self, **resolve_split(self.method, self.budget, self.chains, self.depth, self.pool))
+
+
+def _without(settings: dict, dotted: frozenset[str], prefix: str = "") -> dict:
+    """A copy of a nested dict without the keys at the given dotted paths."""
+    out = {}
+    for k, v in settings.items():
+        path = prefix + str(k)
+        if path in dotted:
+            continue
+        out[k] = _without(v, dotted, path + ".") if isinstance(v, dict) else v
+    return out
 
 
 def _check_int(name: str, value, minimum: int) -> None:

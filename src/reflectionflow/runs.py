@@ -17,6 +17,11 @@ resumed run makes exactly those candidates again (byte-identical, as every seed 
 An image on disk always has its trace line, so nothing on disk is ever regenerated.
 Images are renamed into place without an fsync each (a kill cannot tear them; the fsync per
 image doubled a world run's time): after a power cut, an empty image file counts as missing.
+
+Several processes, one folder (engine/distributed.py). Every file has one writer: config.json
+rank 0 (before the others write anything), a prompt's files the process that owns the prompt,
+ledger.json and report.html rank 0 after all have finished. A process killed mid-run is the case
+above for the prompts it owned; whoever owns them after `--resume` repairs their traces.
 """
 
 from __future__ import annotations

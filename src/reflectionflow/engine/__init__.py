@@ -4,27 +4,38 @@
     from reflectionflow.engine import generate
     result = generate(RunConfig(method="reflection", budget=8), prompts="geneval-shapes", out="runs/x")
 
-`generate` checks everything (config, prompts, output folder) before any component is built, then
-searches, writes the run folder (runs.py), the ledger and report.html.
+`generate` checks everything (config, prompts, the backend's folders and endpoint, output folder)
+before any component is built, then searches, writes the run folder (runs.py), the ledger and
+report.html. `secrets` (the flux backend's API key) reach the backend's checks and components only.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import ConfigError, RunConfig
-from .backends import BACKENDS, build_components, component_names, get_backend, resolve_components
+from ..runs import RunFolder
+from .backends import (
+    BACKENDS,
+    build_components,
+    check_backend,
+    component_names,
+    get_backend,
+    resolve_components,
+)
 from .candidates import Candidate, Make, NeedBudget, derive_seed
+from .distributed import DistContext, DistributedError, my_share, work_units
 from .executor import Components, Executor
 from .posthoc import best_of_k
 from .runner import METHODS, EngineError, PromptSpec, RunResult, prepare_folder, run, write_ledger
 
 __all__ = [
-    "BACKENDS", "METHODS", "Candidate", "Components", "EngineError", "Executor", "Make", "NeedBudget",
-    "PromptSpec", "RunResult", "best_of_k", "build_components", "derive_seed", "generate", "prepare",
-    "resolve_prompt_list", "run", "write_ledger",
+    "BACKENDS", "METHODS", "Candidate", "Components", "DistContext", "DistributedError", "EngineError", "Executor",
+    "Make", "NeedBudget", "Prepared", "PromptSpec", "RunResult", "best_of_k", "build_components", "derive_seed",
+    "generate", "my_share", "prepare", "resolve_prompt_list", "run", "work_units", "write_ledger",
 ]
 
 
@@ -46,31 +57,49 @@ def resolve_prompt_list(config: RunConfig, prompt: str | None = None, prompts: s
     return backend.resolve_prompts(prompts)
 
 
-def prepare(config: RunConfig, out: str | Path, prompt: str | None = None, prompts: str | None = None,
-            resume: bool = False):
-    """Every check a run needs, in order, before any model loads.
+@dataclass
+class Prepared:
+    """A run that passed every check: what `generate` needs to build and search."""
 
-    Returns (resolved config, all prompt lines, the prompts to run, run folder, continuing).
-    """
+    config: RunConfig  # resolved: budget split, component names, the backend's settings
+    prompts: list[dict]  # every prompt line (the run's identity; --limit applies to specs)
+    specs: list[PromptSpec]  # the prompts to run
+    folder: RunFolder
+    continuing: bool  # the folder holds this run already (--resume)
+    plan: object = None  # what the backend's checks found, for build_components
+
+
+def prepare(config: RunConfig, out: str | Path, prompt: str | None = None, prompts: str | None = None,
+            resume: bool = False, secrets: Mapping[str, str] | None = None, check: bool = True) -> Prepared:
+    """Every check a run needs, in order, before any model loads: the config, the prompts, the
+    backend's folders and endpoint (unless `check` is False: components built elsewhere), the
+    output folder (its identity includes the backend's resolved settings)."""
     config = resolve_components(config.validate())
     metas = resolve_prompt_list(config, prompt, prompts)
     specs = [PromptSpec(index=i, prompt=m["prompt"], metadata=m) for i, m in enumerate(metas)]
     if config.limit is not None:
         specs = specs[: config.limit]
+    plan = None
+    if check:
+        config, plan = check_backend(config, secrets)
     folder, continuing = prepare_folder(config, metas, out, resume)
-    return config, metas, specs, folder, continuing
+    return Prepared(config=config, prompts=metas, specs=specs, folder=folder, continuing=continuing, plan=plan)
 
 
 def generate(config: RunConfig, out: str | Path, prompt: str | None = None, prompts: str | None = None,
              resume: bool = False, components: Components | None = None, progress: bool = False,
-             report: bool = True) -> RunResult:
-    """Check, build the components (unless given), search and write the run folder."""
-    config, metas, specs, folder, continuing = prepare(config, out, prompt, prompts, resume)
+             report: bool = True, secrets: Mapping[str, str] | None = None,
+             dist: DistContext | None = None) -> RunResult:
+    """Check, build the components (unless given: the backend's own checks are then skipped), search
+    and write the run folder. `secrets`: what the backend's components need and no file may hold
+    (the flux backend's API key), as the CLI read it from the environment. `dist`: this process's
+    place among several that run the same call (distributed.py); each searches its share."""
+    p = prepare(config, out, prompt, prompts, resume, secrets=secrets, check=components is None)
     t0 = time.perf_counter()
     if components is None:
-        components = build_components(config)
+        components = build_components(p.config, secrets, plan=p.plan)
     else:
-        components = replace(components, names=components.names or component_names(config))
+        components = replace(components, names=components.names or component_names(p.config))
     load_s = time.perf_counter() - t0
-    return run(config, specs, components, folder, all_prompts=metas, resumed=continuing, progress=progress,
-               report=report, load_s=load_s)
+    return run(p.config, p.specs, components, p.folder, all_prompts=p.prompts, resumed=p.continuing,
+               progress=progress, report=report, load_s=load_s, dist=dist)

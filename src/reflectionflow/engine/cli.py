@@ -22,6 +22,12 @@ oracle verifier, accuracies are the paper's oracle-verifier upper bound.
 methods: noise (best-of-N over seeds), zero-order (neighbours of the best noise, Flux-TTS),
 prompt (N chains x M rounds of prompt refinement), reflection (ReflectionFlow: pool, then
 N chains x M rounds of reflect -> refine -> correct). Budget: pool + chains x depth = budget.
+
+--backend flux: any prompt text (or --prompts geneval), FLUX.1 from --flux-path, the reflection
+corrector's --lora-path, and VLM judges at --vlm-url (GPT-4o, a vLLM server, `reflectionflow
+serve`). The API key is read from the variable --vlm-api-key-env names (default OPENAI_API_KEY),
+on every run and every --resume; it is never written anywhere. Folders, LoRA keys, the endpoint
+and its key are all checked before any weights load. See docs/backends.md.
 """
 
 
@@ -29,9 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="search along noise / prompt / reflection axes and write a run folder",
                        description=GENERATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _one_line_errors(g, "generate")
-    g.add_argument("prompt", nargs="?", default=None, help="one prompt (world: a GenEval-Shapes template)")
+    g.add_argument("prompt", nargs="?", default=None,
+                   help="one prompt (world: a GenEval-Shapes template; flux: any text)")
     g.add_argument("--prompts", default=None, metavar="FILE|SET",
-                   help="GenEval metadata JSONL, or a named set: geneval-shapes, geneval-shapes-val")
+                   help="GenEval metadata JSONL, or a named set: geneval-shapes, geneval-shapes-val; "
+                   "flux also geneval (GenEval's own 553 prompts)")
     g.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON of run settings; flags override it")
     g.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<method>-b<budget>-s<seed>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out; regenerates nothing on disk")
@@ -53,14 +61,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--neighbors", type=int, default=None, help="zero-order: neighbours per round (default 4)")
     s.add_argument("--threshold", type=float, default=None, help="zero-order: cosine to the pivot (default 0.95)")
     c = g.add_argument_group("components")
-    c.add_argument("--backend", default=None, help="world (default)")
-    for kind in ("generator", "verifier", "reflector", "refiner", "corrector"):
-        c.add_argument(f"--{kind}", default=None, metavar="NAME", help=f"{kind} by registry name (backend default)")
     from .backends import BACKENDS
 
+    c.add_argument("--backend", default=None, help=f"{' | '.join(BACKENDS)} (default world)")
+    for kind in ("generator", "verifier", "reflector", "refiner", "corrector"):
+        c.add_argument(f"--{kind}", default=None, metavar="NAME", help=f"{kind} by registry name (backend default)")
+    owned: dict[str, list[tuple[str, str]]] = {}  # backend -> its flags' (dest, option string)
     for backend in BACKENDS.values():
         if backend.add_arguments is not None:
+            before = len(g._actions)
             backend.add_arguments(g)
+            owned[backend.name] = [(a.dest, a.option_strings[0]) for a in g._actions[before:] if a.option_strings]
+    g.set_defaults(backend_flags=owned)
     x = g.add_argument_group("execution")
     x.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
     x.add_argument("--batch-size", type=int, default=None, help="requests per component call (default 64)")
@@ -93,7 +105,11 @@ _FLAG_FIELDS = ("method", "budget", "chains", "depth", "pool", "seed", "backtrac
 
 
 def build_config(args):
-    from ..config import from_dict, load_config_file
+    """(RunConfig from --config FILE and the flags, the backend's secrets). The secrets (an API key,
+    read from the environment here, on every run and every resume) are no part of the config, so
+    nothing that writes a config can write them."""
+    from ..config import ConfigError, from_dict, load_config_file
+    from .backends import get_backend
 
     data = load_config_file(args.config) if args.config else {}
     for name in _FLAG_FIELDS:
@@ -101,32 +117,56 @@ def build_config(args):
         if v is not None:
             data[name] = v
     data["progress"] = not args.quiet
-    from .backends import BACKENDS
-
-    backend = BACKENDS.get(data.get("backend", "world"))
-    if backend is not None and backend.options_from_args is not None:
+    backend = get_backend(data.get("backend", "world"))
+    for other, flags in (getattr(args, "backend_flags", None) or {}).items():
+        given = [flag for dest, flag in flags if getattr(args, dest, None) is not None]
+        if other != backend.name and given:
+            raise ConfigError(f"{', '.join(given)}: flag{'s' if len(given) > 1 else ''} of --backend {other}, "
+                              f"but the backend is {backend.name!r}; add --backend {other}")
+    if backend.options_from_args is not None:
         options = {k: dict(v) for k, v in (data.get("options") or {}).items()}
         for kind, opts in backend.options_from_args(args, os.environ).items():
             options.setdefault(kind, {}).update(opts)  # flags override the config file
         data["options"] = options
-    return from_dict(data, where=args.config or "flags")
+    secrets: dict[str, str] = {}
+    if backend.settings_from_args is not None:
+        base = data.get("backend_options") or {}
+        if not isinstance(base, dict):
+            raise ConfigError(f"{args.config}: backend_options must be a mapping, got {type(base).__name__}")
+        data["backend_options"], secrets = backend.settings_from_args(args, os.environ, base)
+    return from_dict(data, where=args.config or "flags"), secrets
 
 
 def cmd_generate(args) -> int:
-    from ..engine import generate, prepare
+    from ..engine import generate
+    from .distributed import DistContext, DistributedError, launch_note
 
-    config = build_config(args)
+    config, secrets = build_config(args)
     out = args.out or f"runs/{config.method}-b{config.budget}-s{config.seed}"
-    # Every check first (config, prompts, folder): bad input never costs a model load.
-    prepare(config, out, prompt=args.prompt, prompts=args.prompts, resume=args.resume)
-    result = generate(config, out, prompt=args.prompt, prompts=args.prompts, resume=args.resume,
-                      progress=config.progress, report=not args.no_report)
+    # One of several processes (accelerate launch / torchrun): the launcher's variables say which.
+    try:
+        dist = DistContext.from_environ(os.environ)
+        note = launch_note(os.environ)
+        if note:
+            print(f"reflectionflow: warning: {note}", file=sys.stderr)
+        # `generate` checks everything (config, prompts, the backend's folders and endpoint, the run
+        # folder) before it builds a component: bad input never costs a model load.
+        with dist.connected() as dist:
+            dist.bind_device()
+            result = generate(config, out, prompt=args.prompt, prompts=args.prompts, resume=args.resume,
+                              progress=config.progress, report=not args.no_report, secrets=secrets, dist=dist)
+    except DistributedError as e:
+        print(f"reflectionflow: error: {e}", file=sys.stderr)
+        return 1
+    if not dist.is_main:
+        return 0  # rank 0 reports the whole run
     led = result.ledger
     tot = led["totals"]
     scores = [d.get("score") for d in result.selected.values() if d.get("score") is not None]
     yes = [bool(d.get("yes")) for d in result.selected.values() if d.get("yes") is not None]
+    failed = f" ({tot['failed']} requests failed; see the trace)" if tot.get("failed") else ""
     print(f"{led['prompts_done']}/{led['prompts']} prompts, {tot['images']} images "
-          f"({led['budget_per_prompt']} per prompt), NFE {tot['nfe']}, VLM calls {tot['vlm_calls']}, "
+          f"({led['budget_per_prompt']} per prompt), NFE {tot['nfe']}, VLM calls {tot['vlm_calls']}{failed}, "
           f"{tot['wall_s']:.1f} s in components")
     if scores:
         msg = f"selection: mean verifier score {sum(scores) / len(scores):.3f}"
@@ -136,6 +176,8 @@ def cmd_generate(args) -> int:
     if len(result.selected) == 1:
         (i, d), = result.selected.items()
         print(f"selected: {Path(out) / f'{i:05d}' / d['file']} -> {Path(out) / f'{i:05d}' / 'samples' / '0000.png'}")
+    if result.processes > 1:
+        print(f"{result.processes} processes searched it; ledger.json and report.html cover them all")
     print(f"wrote {out}/ (ledger.json, config.json{'' if args.no_report else ', report.html'}); "
           f"score it with: reflectionflow evaluate {out}")
     return 0

@@ -68,15 +68,14 @@ class Job:
     def to_candidate(self, order: int) -> Candidate:
         m, r, v = self.make, self.result, self.verdict
         stage = "correct" if m.correct else "generate"
-        cost = {stage: {"items": 1, "images": 1, "nfe": int(r.nfe)},
-                "verify": {"items": 1, "calls": int(v.calls), "tokens": int(v.tokens)}}
+        cost = {stage: {"items": 1, "images": 1, "nfe": int(r.nfe)}, "verify": _cost(v)}
         errors = []
         if self.reflection is not None:
-            cost["reflect"] = {"items": 1, "calls": int(self.reflection.calls), "tokens": int(self.reflection.tokens)}
+            cost["reflect"] = _cost(self.reflection)
             if self.reflection.error:
                 errors.append(f"reflect: {self.reflection.error}")
         if self.refined is not None:
-            cost["refine"] = {"items": 1, "calls": int(self.refined.calls), "tokens": int(self.refined.tokens)}
+            cost["refine"] = _cost(self.refined)
             if self.refined.error:
                 errors.append(f"refine: {self.refined.error} (kept the chain's prompt)")
         return Candidate(
@@ -181,6 +180,15 @@ class Executor:
                                [(j.result.image, j.original) for j in jobs], Verdict)
         for j, v in zip(jobs, verdicts):
             j.verdict = v
+
+
+def _cost(result: Verdict | Reflection | RefinedPrompt) -> dict:
+    """A judge's cost for one request; `failed` (only when it did: trace lines stay short) counts a
+    result that carries an error, e.g. a VLM call that failed after every retry."""
+    cost = {"items": 1, "calls": int(result.calls), "tokens": int(result.tokens)}
+    if result.error:
+        cost["failed"] = 1
+    return cost
 
 
 def _method(component, name: str):

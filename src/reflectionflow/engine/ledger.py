@@ -1,9 +1,14 @@
-"""One ledger for the whole run: images, NFE, VLM calls, tokens and wall seconds per stage.
+"""One ledger for the whole run: images, NFE, VLM calls, tokens, failed requests and wall seconds
+per stage, per prompt and in total.
 
 Counts come from the trace (every candidate records what it cost at each stage), so they are
 exact after a resume and `reflectionflow report DIR` can rebuild them from the folder alone.
 Wall seconds come from the prompt's done-marker: a component call's time is split evenly over
 the requests it served. Work lost to a kill is not in them (it was not kept either).
+
+`failed` counts requests whose result carried an error: a VLM call that still failed after every
+retry (the verdict then ranks last, the reflection is empty, the refinement keeps the prompt), or
+a judge's answer that could not be read. The run goes on past them; the trace says what each was.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from collections.abc import Iterable
 
 from .candidates import STAGES
 
-COUNT_KEYS = ("items", "images", "nfe", "calls", "tokens")
+COUNT_KEYS = ("items", "images", "nfe", "calls", "tokens", "failed")
 
 
 def empty_stage() -> dict:
@@ -40,6 +45,7 @@ def _summarise(head: dict, stages: dict) -> dict:
         "nfe": sum(st["nfe"] for st in stages.values()),
         "vlm_calls": sum(st["calls"] for st in stages.values()),
         "tokens": sum(st["tokens"] for st in stages.values()),
+        "failed": sum(st["failed"] for st in stages.values()),
         "wall_s": round(sum(st["wall_s"] for st in stages.values()), 4),
         "by_stage": stages,
     }
@@ -51,7 +57,7 @@ def total_ledger(per_prompt: list[dict]) -> dict:
         for stage, st in p["by_stage"].items():
             tot = stages.setdefault(stage, empty_stage())
             for k in COUNT_KEYS:
-                tot[k] += st[k]
+                tot[k] += st.get(k, 0)
             tot["wall_s"] += st["wall_s"]
     return _summarise({}, stages)
 

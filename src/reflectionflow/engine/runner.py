@@ -21,6 +21,7 @@ from ..runs import RunFolder, RunFolderError, prompts_fingerprint
 from .candidates import Candidate, Make, NeedBudget, best
 from .chains import prompt_chains, reflection_flow
 from .context import Method, PromptContext
+from .distributed import DistContext, work_units
 from .executor import Components, Executor, Job
 from .ledger import prompt_ledger, run_ledger
 from .noise import random_search, zero_order
@@ -50,6 +51,8 @@ class RunResult:
     ledger: dict
     selected: dict[int, dict]  # prompt index -> done-marker
     resumed: bool
+    rank: int = 0  # with several processes: this one's rank (rank 0's result covers the whole run)
+    processes: int = 1
 
 
 @dataclass
@@ -286,40 +289,76 @@ def write_ledger(folder: RunFolder, indices: Sequence[int], budget: int, compone
     return ledger
 
 
+def share_group(config: RunConfig) -> int:
+    """Prompts searched by one process together: a wave whose prompts share their savings
+    (--early-stop with --reallocate prompts) must stay whole, anything else can go anywhere."""
+    return config.prompt_batch if config.early_stop is not None and config.reallocate == "prompts" else 1
+
+
 def run(config: RunConfig, prompts: Sequence[PromptSpec], components: Components, folder: RunFolder,
         all_prompts: Sequence[dict] | None = None, resumed: bool = False, progress: bool = False,
-        report: bool = True, load_s: float = 0.0) -> RunResult:
+        report: bool = True, load_s: float = 0.0, dist: DistContext | None = None) -> RunResult:
     """Search every prompt, then write ledger.json and report.html.
 
     `all_prompts` is the full prompt list the run was started from (before --limit); its
     fingerprint is part of the run's identity in config.json.
+
+    With `dist` (one of several processes: distributed.py), every process calls this with the same
+    arguments and searches its share of the prompts not yet done; rank 0 writes config.json before
+    anyone else writes, and ledger.json and report.html once every process has finished. Its
+    result then covers the whole run; another rank's covers its share and has no ledger.
     """
     t0 = time.perf_counter()
+    dist = dist or DistContext()
     all_prompts = list(all_prompts) if all_prompts is not None else [p.metadata for p in prompts]
-    folder.remove_stale_temporaries()  # what a killed earlier attempt left half-written
-    if folder.read_config() is None:
-        folder.write_config(run_identity(config, all_prompts), {
-            "reflectionflow": __version__,
-            "config": config.to_dict(),
-            "components": components.names,
-            # The world oracle verifier IS the evaluator: say so wherever results are read.
-            "verifier": components.names.get("verifier"),
-        })
+    identity = run_identity(config, all_prompts)
+    # 1. Agree before anyone writes: the same run everywhere, and what is left as rank 0 reads it.
+    dist.check_same("run settings or prompts", identity)
+    resumed = dist.agree(resumed)
+    by_index = {p.index: p for p in prompts}
+    units = work_units(list(by_index), share_group(config))
+    mine = dist.share(units, done=lambda unit: all(folder.read_done(i) is not None for i in unit))
+    # 2. The run's shared files, while the others wait: no prompt folder ever exists without config.json.
+    if dist.is_main:
+        folder.remove_stale_temporaries()  # what a killed earlier attempt left half-written
+        if folder.read_config() is None:
+            folder.write_config(identity, {
+                "reflectionflow": __version__,
+                "config": config.to_dict(),
+                "components": components.names,
+                # The world oracle verifier IS the evaluator: say so wherever results are read.
+                "verifier": components.names.get("verifier"),
+            })
+    dist.barrier()
+    # 3. This process's share (whole waves where prompts share savings: the engine cuts the same waves).
+    todo = [by_index[i] for unit in mine for i in unit]
     bar = None
-    if progress:
+    if progress and dist.is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(prompts) * config.budget, desc=f"{config.method} b{config.budget}", unit="img")
+        who = f" (rank 0 of {dist.world_size})" if dist.distributed else ""
+        bar = tqdm(total=len(todo) * config.budget, desc=f"{config.method} b{config.budget}{who}", unit="img")
     try:
         engine = Engine(config, components, folder, bar)
-        selected = engine.run(prompts)
+        selected = engine.run(todo)
     finally:
         if bar is not None:
             bar.close()
+    mine_s = {"rank": dist.rank, "prompts": len(todo), "wall_s": round(time.perf_counter() - t0, 3),
+              "load_s": round(load_s, 3)}
+    # 4. The merge: rank 0, once every process has finished, from the per-prompt files alone.
+    sessions = dist.all_gather(mine_s)
+    if not dist.is_main:
+        return RunResult(out=folder.root, ledger={}, selected=selected, resumed=resumed, rank=dist.rank,
+                         processes=dist.world_size)
     session = {"wall_s": round(time.perf_counter() - t0, 3), "load_s": round(load_s, 3), "resumed": resumed}
-    ledger = write_ledger(folder, [p.index for p in prompts], config.budget, components.names, session)
+    if dist.distributed:
+        session |= {"load_s": max(s["load_s"] for s in sessions), "processes": dist.world_size, "ranks": sessions}
+    indices = list(by_index)
+    ledger = write_ledger(folder, indices, config.budget, components.names, session)
     if report:
         from ..report import write_report
 
         write_report(folder.root)
-    return RunResult(out=folder.root, ledger=ledger, selected=selected, resumed=resumed)
+    selected = {i: d for i in indices if (d := folder.read_done(i)) is not None}
+    return RunResult(out=folder.root, ledger=ledger, selected=selected, resumed=resumed, processes=dist.world_size)

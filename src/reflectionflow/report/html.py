@@ -84,9 +84,11 @@ def _header(folder: RunFolder, config: dict, ledger: dict) -> str:
     for k in relevant.get(cfg.get("method"), ()):
         if k in cfg and not (k == "reallocate" and cfg.get("early_stop") is None):
             rows.append((k, cfg[k]))
+    procs = (ledger.get("session") or {}).get("processes") or 1
     out = [f"<h1>reflectionflow run: {_e(folder.root.name)}</h1>",
            f"<div class=muted>reflectionflow {_e(config.get('reflectionflow', '?'))}; "
-           f"{ledger.get('prompts_done', '?')}/{ledger.get('prompts', '?')} prompts done</div>"]
+           f"{ledger.get('prompts_done', '?')}/{ledger.get('prompts', '?')} prompts done"
+           f"{f'; last session: {procs} processes' if procs > 1 else ''}</div>"]
     if str(comps.get("verifier", "")).startswith("world-oracle"):
         out.append("<div class=note>The verifier is the world oracle: the exact GenEval-Shapes evaluator. "
                    "Accuracies here are the paper's oracle-verifier upper bound, not a learned judge's.</div>")
@@ -100,17 +102,27 @@ def _ledger_table(ledger: dict) -> str:
         return "<h2>Ledger</h2><p class=muted>no ledger.json</p>"
     tot = ledger["totals"]
     head = "<tr><th class=l>stage</th><th>requests</th><th>images</th><th>NFE</th><th>VLM calls</th>" \
-           "<th>tokens</th><th>wall s</th></tr>"
+           "<th>tokens</th><th title=\"requests whose result carried an error (VLM calls failed after every " \
+           "retry included)\">failed</th><th>wall s</th></tr>"
     rows = []
     for stage, st in tot["by_stage"].items():
+        failed = st.get("failed", 0)
         rows.append(f"<tr><td class=l>{_e(stage)}</td><td>{st['items']}</td><td>{st['images']}</td>"
-                    f"<td>{st['nfe']}</td><td>{st['calls']}</td><td>{st['tokens']}</td><td>{st['wall_s']:.2f}</td></tr>")
+                    f"<td>{st['nfe']}</td><td>{st['calls']}</td><td>{st['tokens']}</td>"
+                    f"<td{' class=bad' if failed else ''}>{failed}</td><td>{st['wall_s']:.2f}</td></tr>")
+    failed = tot.get("failed", 0)
     rows.append(f"<tr><th class=l>total</th><th></th><th>{tot['images']}</th><th>{tot['nfe']}</th>"
-                f"<th>{tot['vlm_calls']}</th><th>{tot['tokens']}</th><th>{tot['wall_s']:.2f}</th></tr>")
+                f"<th>{tot['vlm_calls']}</th><th>{tot['tokens']}</th><th>{failed}</th>"
+                f"<th>{tot['wall_s']:.2f}</th></tr>")
     saved = ledger.get("saved")
     tail = (f"<p>{tot['images']} images for a budget of {ledger['budget_total']} "
             f"({ledger['budget_per_prompt']} per prompt x {ledger['prompts']} prompts)"
             f"{'' if not saved else f'; {saved} saved by early stopping'}.</p>")
+    if failed:
+        where = [(p["index"], p.get("failed", 0)) for p in ledger.get("per_prompt", []) if p.get("failed")]
+        tail += (f"<p class=bad>{failed} request{'s' if failed > 1 else ''} failed (the run went on; each card "
+                 f"says why): " + ", ".join(f"<a href=\"#prompt{i:05d}\">#{i:05d}</a> ({n})" for i, n in where)
+                 + ".</p>")
     return "<h2>Ledger</h2><table>" + head + "".join(rows) + "</table>" + tail
 
 
@@ -178,6 +190,9 @@ def _prompt_section(folder: RunFolder, i: int, open_: bool, counter: list[int]) 
                   f"<span class={'ok' if yes else 'bad'}>{'yes' if yes else 'no'}</span>")
     else:
         status = " - <span class=muted>not finished</span>"
+    failed = sum(int(st.get("failed", 0)) for c in cands for st in c.cost.values())
+    if failed:
+        status += f" - <span class=bad>{failed} failed request{'s' if failed > 1 else ''}</span>"
     summary = (f"<summary>#{i:05d} {_e(original)} <span class=muted>[{_e(meta.get('tag', ''))}] "
                f"{len(cands)} images</span>{status}</summary>")
     kids: dict[str | None, list[Candidate]] = {}
@@ -199,7 +214,8 @@ def _prompt_section(folder: RunFolder, i: int, open_: bool, counter: list[int]) 
         parts.append(f"<div class=label>{_e(what)}</div>" + _row(c, ctx))
     if done and done.get("notes"):
         parts.append(f"<div class=muted>notes: {_e(json.dumps(done['notes'], sort_keys=True)[:400])}</div>")
-    return f"<details class=prompt{' open' if open_ else ''}>{summary}{''.join(parts)}</details>"
+    return (f"<details class=prompt id=\"prompt{i:05d}\"{' open' if open_ else ''}>{summary}{''.join(parts)}"
+            "</details>")
 
 
 def _row(c: Candidate, ctx: dict) -> str:

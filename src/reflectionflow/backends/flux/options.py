@@ -10,7 +10,9 @@ components built from them.
                                            ValueError subclass with a one-line message
     built = build_components(options, plan=plan)   {"generator": ..., "corrector": ..., ...}
 
-`options.public()` is what config.json may record: everything but the key.
+`options.public()` is what config.json may record: everything but the key. The engine's hooks at
+the end of this file (`settings_from_args`, `check_run`, `build_run`) keep the public part in
+`RunConfig.backend_options` and hand the key around it, as `secrets`.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...components import KINDS, ComponentError
-from ..vlm.options import DEFAULT_KEY_ENV, VLMOptions
+from ..vlm.options import DEFAULT_KEY_ENV, VLMOptions, refuse_credentials
 from . import DEFAULTS
 from .loading import FluxFolder, FluxPathError, check_flux_folder, meta_transformer
-from .lora import LoRAFile, check_lora_fits, linear_shapes, read_lora_file
+
+if TYPE_CHECKING:  # lora.py imports torch: not on the command line's start-up path
+    from .lora import LoRAFile
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "generator": ("flux",),
@@ -107,7 +113,11 @@ class FluxPlan:
 
 def add_arguments(parser: argparse.ArgumentParser, component_flags: bool = False) -> None:
     """Add the real-scale backend's flags. `component_flags` also adds --generator / --corrector /
-    --verifier / --reflector / --refiner (leave False where the caller defines them itself)."""
+    --verifier / --reflector / --refiner (leave False where the caller defines them itself).
+
+    No flag has a parser default: None means "not given", so a config file's setting or the
+    option's own default (FluxBackendOptions, VLMOptions) applies, and a flag given to another
+    backend can be told apart."""
     if component_flags:
         g = parser.add_argument_group("components (real-scale backend)")
         for kind in ("generator", "corrector", "verifier", "reflector", "refiner"):
@@ -120,51 +130,72 @@ def add_arguments(parser: argparse.ArgumentParser, component_flags: bool = False
     f.add_argument("--lora-path", metavar="FILE|DIR",
                    help="reflection corrector LoRA: pytorch_lora_weights.safetensors (released or ours) or its folder")
     f.add_argument("--lora-alpha", type=float, help="LoRA alpha if the file does not record it (default: = rank)")
-    f.add_argument("--height", type=int, default=1024)
-    f.add_argument("--width", type=int, default=1024)
+    f.add_argument("--height", type=int, help="image height in pixels (default 1024)")
+    f.add_argument("--width", type=int, help="image width in pixels (default 1024)")
     f.add_argument("--steps", type=int, help="denoising steps (default 30 for dev, 4 for schnell)")
     f.add_argument("--guidance", type=float, help="embedded guidance scale (default 3.5; schnell has none)")
     f.add_argument("--corrector-steps", type=int, help="corrector steps (default: --steps)")
     f.add_argument("--corrector-guidance", type=float, help="corrector guidance (default: --guidance; Kontext 2.5)")
-    f.add_argument("--condition-size", type=int, default=512, help="corrector condition image size in pixels")
-    f.add_argument("--clip-text", choices=("prompt", "full"), default="prompt",
-                   help="CLIP text of the corrector: the refined prompt (as trained) or prompt + reflection")
+    f.add_argument("--condition-size", type=int, help="corrector condition image size in pixels (default 512)")
+    f.add_argument("--clip-text", choices=("prompt", "full"),
+                   help="CLIP text of the corrector: the refined prompt (default, as trained) or prompt + reflection")
     f.add_argument("--max-sequence-length", type=int, help="T5 tokens (default 512; 256 for schnell)")
-    f.add_argument("--flux-batch-size", type=int, default=4, help="images per transformer call")
-    f.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda if available)")
-    f.add_argument("--dtype", choices=DTYPES, default="auto", help="default: bfloat16 on GPU, float32 on CPU")
+    f.add_argument("--flux-batch-size", type=int, help="images per transformer call (default 4)")
+    f.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    f.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
     v = parser.add_argument_group("VLM judges (OpenAI-compatible endpoint)")
     v.add_argument("--vlm-url", metavar="URL", help="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
     v.add_argument("--vlm-model", metavar="NAME", help="e.g. gpt-4o or Qwen/Qwen2.5-VL-7B-Instruct")
     v.add_argument("--vlm-api-key-env", metavar="VAR",
                    help=f"environment variable holding the API key (default {DEFAULT_KEY_ENV}; "
                    "a variable named here must be set)")
-    v.add_argument("--vlm-concurrency", type=int, default=8, help="calls in flight at once")
-    v.add_argument("--vlm-timeout", type=float, default=60.0, help="seconds per call before it is retried")
-    v.add_argument("--vlm-retries", type=int, default=4, help="retries on 429 / 5xx / timeouts")
-    v.add_argument("--vlm-reflector-style", choices=("instruct", "reflection-generator"), default="instruct",
-                   help="instruct: GPT-4o / Qwen2.5-VL-Instruct; reflection-generator: the released reflection model")
+    v.add_argument("--vlm-concurrency", type=int, help="calls in flight at once (default 8)")
+    v.add_argument("--vlm-timeout", type=float, help="seconds per call before it is retried (default 60)")
+    v.add_argument("--vlm-retries", type=int, help="retries on 429 / 5xx / timeouts (default 4)")
+    v.add_argument("--vlm-reflector-style", choices=("instruct", "reflection-generator"),
+                   help="instruct (default): GPT-4o / Qwen2.5-VL-Instruct; reflection-generator: the released "
+                   "reflection model")
     loc = parser.add_argument_group("local verifiers")
     loc.add_argument("--local-verifier-path", metavar="DIR", help="transformers VLM folder for --verifier local-yesno")
     loc.add_argument("--clip-path", metavar="DIR", help="CLIP folder for --verifier clip")
 
 
-def options_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> FluxBackendOptions:
-    """Options from parsed flags; the API key comes from `environ` (the caller passes os.environ)."""
-    key_env = getattr(args, "vlm_api_key_env", None)
-    explicit = key_env is not None
-    key_env = key_env or DEFAULT_KEY_ENV
-    key = environ.get(key_env) or None
+# Flags whose option has another name (the rest are FluxBackendOptions fields of the flag's name).
+_RENAMED_FLAGS = {"flux_batch_size": "batch_size"}
+_VLM_FLAGS = {"vlm_url": "url", "vlm_model": "model", "vlm_api_key_env": "api_key_env",
+              "vlm_concurrency": "concurrency", "vlm_timeout": "timeout", "vlm_retries": "retries",
+              "vlm_reflector_style": "reflector_style"}
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    """The options the flags set (public form: no key), leaving out flags that were not given."""
     a = vars(args)
-    vlm = VLMOptions(url=a.get("vlm_url"), model=a.get("vlm_model"), api_key=key, api_key_env=key_env,
-                     api_key_env_explicit=explicit, concurrency=a.get("vlm_concurrency", 8),
-                     timeout=a.get("vlm_timeout", 60.0), retries=a.get("vlm_retries", 4),
-                     reflector_style=a.get("vlm_reflector_style", "instruct"))
-    plain = {f.name for f in fields(FluxBackendOptions)} - {"vlm", "batch_size"}
-    kw = {k: a[k] for k in plain if a.get(k) is not None}
-    if a.get("flux_batch_size") is not None:
-        kw["batch_size"] = a["flux_batch_size"]
-    return FluxBackendOptions(**kw, vlm=vlm)
+    plain = {f.name for f in fields(FluxBackendOptions)} - {"vlm", *_RENAMED_FLAGS.values()}
+    out = {k: a[k] for k in plain if a.get(k) is not None}
+    out |= {option: a[flag] for flag, option in _RENAMED_FLAGS.items() if a.get(flag) is not None}
+    vlm = {option: a[flag] for flag, option in _VLM_FLAGS.items() if a.get(flag) is not None}
+    if "api_key_env" in vlm:
+        vlm["api_key_env_explicit"] = True  # the user named the variable: then it must be set
+    if vlm:
+        out["vlm"] = vlm
+    return out
+
+
+def options_from_args(args: argparse.Namespace, environ: Mapping[str, str],
+                      base: Mapping | None = None) -> FluxBackendOptions:
+    """Options from parsed flags over `base` (settings from a config file, in `public()` form); the
+    API key comes from `environ` (the caller passes os.environ), from the variable the options name."""
+    base = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in (base or {}).items()}
+    vlm_base = base.get("vlm")
+    if isinstance(vlm_base, dict) and "api_key_env" in vlm_base:
+        vlm_base.setdefault("api_key_env_explicit", True)  # a config file that names the variable
+    given = given_options(args)
+    merged = base | {k: v for k, v in given.items() if k != "vlm"}
+    if "vlm" in given:
+        merged["vlm"] = (vlm_base if isinstance(vlm_base, dict) else {}) | given["vlm"]
+    opts = options_from_dict(merged, "flux backend")
+    key = environ.get(opts.vlm.api_key_env) or None
+    return replace(opts, vlm=replace(opts.vlm, api_key=key))
 
 
 def options_from_dict(d: Mapping, who: str = "flux backend") -> FluxBackendOptions:
@@ -175,14 +206,18 @@ def options_from_dict(d: Mapping, who: str = "flux backend") -> FluxBackendOptio
         raise FluxOptionsError(f"{who}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
     d = dict(d)
     vlm = d.pop("vlm", None) or {}
-    if isinstance(vlm, Mapping):
-        vknown = {f.name for f in fields(VLMOptions)}
-        vunknown = sorted(set(vlm) - vknown)
-        if vunknown:
-            raise FluxOptionsError(f"{who}: unknown vlm option(s) {', '.join(vunknown)}; "
-                                   f"accepted: {', '.join(sorted(vknown))}")
-        vlm = VLMOptions(**{k: v for k, v in vlm.items() if k != "api_key_set"})
-    return FluxBackendOptions(**d, vlm=vlm)
+    if isinstance(vlm, VLMOptions):
+        return FluxBackendOptions(**d, vlm=vlm)
+    if not isinstance(vlm, Mapping):
+        raise FluxOptionsError(f"{who}: vlm must be a mapping of endpoint settings, got {type(vlm).__name__}")
+    # api_key: never accepted from a dict (a config file); the CLI reads it from the environment.
+    vknown = {f.name for f in fields(VLMOptions)} - {"api_key"}
+    vunknown = sorted(set(vlm) - vknown - {"api_key_set"})
+    if vunknown:
+        raise FluxOptionsError(f"{who}: unknown vlm option(s) {', '.join(vunknown)}; "
+                               f"accepted: {', '.join(sorted(vknown))} (the API key comes from the environment "
+                               f"variable api_key_env names)")
+    return FluxBackendOptions(**d, vlm=VLMOptions(**{k: v for k, v in vlm.items() if k != "api_key_set"}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +292,8 @@ def validate_options(options: FluxBackendOptions, kinds: Sequence[str] = KINDS,
             if corrector == "reflection" and folder is plan.flux and options.condition_size % mult:
                 raise FluxOptionsError(f"--condition-size must be a multiple of {mult}, got {options.condition_size}")
     if corrector == "reflection":
+        from .lora import check_lora_fits, linear_shapes, read_lora_file
+
         if not options.lora_path:
             raise FluxOptionsError("--corrector reflection needs --lora-path (the FLUX-Corrector LoRA: "
                                    "pytorch_lora_weights.safetensors or its folder)")
@@ -350,7 +387,60 @@ def build_components(options: FluxBackendOptions, kinds: Sequence[str] = KINDS, 
     return built
 
 
+# ----------------------------------------------------------------------------------------------
+# The engine's hooks (engine/backends.py): RunConfig.backend_options holds `settings_of(options)`,
+# public; the API key travels beside it in `secrets`, which no file, ledger or report ever sees.
+
+SECRET_API_KEY = "vlm_api_key"  # the one secret: the VLM endpoint's key
+
+
+def settings_of(options: FluxBackendOptions) -> dict:
+    """What RunConfig.backend_options records: `public()` without the component names (RunConfig
+    holds those)."""
+    return {k: v for k, v in options.public().items() if k not in KINDS}
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str],
+                       base: Mapping | None = None) -> tuple[dict, dict[str, str]]:
+    """(settings, secrets) from the flags over a config file's `backend_options` (`base`); the key
+    is read from `environ`, from the variable the settings name, on every run and every resume."""
+    options = options_from_args(args, environ, base)
+    refuse_credentials(options.vlm.url)  # settings_of would drop them silently
+    secrets = {SECRET_API_KEY: options.vlm.api_key} if options.vlm.api_key else {}
+    return settings_of(options), secrets
+
+
+def check_run(settings: Mapping, names: Mapping[str, str], secrets: Mapping[str, str]) -> tuple[dict, FluxPlan]:
+    """Every check `validate_options` makes, for the run's components (`names`: kind -> registry
+    name); returns the settings with steps / guidance / lengths resolved, and the plan to build from."""
+    options = options_from_dict(settings, "backend_options")
+    options = replace(options, **({k: None for k in KINDS} | dict(names)))
+    options = replace(options, vlm=replace(options.vlm, api_key=secrets.get(SECRET_API_KEY) or None))
+    plan = validate_options(options, kinds=tuple(names))
+    return settings_of(_absolute_paths(plan.options)), plan
+
+
+_PATH_OPTIONS = ("flux_path", "kontext_path", "lora_path", "local_verifier_path", "clip_path")
+
+
+def _absolute_paths(options: FluxBackendOptions) -> FluxBackendOptions:
+    """Local paths made absolute, so a resume from another working folder is the same run; hub ids
+    stay as they are."""
+    fixed = {}
+    for name in _PATH_OPTIONS:
+        value = getattr(options, name)
+        if value and Path(value).expanduser().exists():
+            fixed[name] = str(Path(value).expanduser().resolve())
+    return replace(options, **fixed)
+
+
+def build_run(plan: FluxPlan) -> dict:
+    """The run's components from the plan `check_run` returned (this is where weights load)."""
+    return build_components(plan.options, plan.kinds, plan=plan)
+
+
 __all__ = [
     "DEFAULTS", "FluxBackendOptions", "FluxOptionsError", "FluxPathError", "FluxPlan", "add_arguments",
-    "build_components", "options_from_args", "options_from_dict", "validate_options",
+    "build_components", "build_run", "check_run", "options_from_args", "options_from_dict", "settings_from_args",
+    "settings_of", "validate_options",
 ]

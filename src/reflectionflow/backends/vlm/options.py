@@ -45,6 +45,7 @@ class VLMOptions:
             raise VLMError("the VLM components need --vlm-url (an OpenAI-compatible endpoint, e.g. "
                            "https://api.openai.com/v1 or http://127.0.0.1:8000/v1 for vLLM / reflectionflow serve)")
         normalize_base_url(self.url)
+        refuse_credentials(self.url)
         if not self.model:
             raise VLMError("the VLM components need --vlm-model (e.g. gpt-4o, Qwen/Qwen2.5-VL-7B-Instruct)")
         if self.reflector_style not in REFLECTOR_STYLES:
@@ -89,6 +90,14 @@ class VLMOptions:
             shown = ", ".join(served[:8]) + (" ..." if len(served) > 8 else "")
             raise VLMError(f"--vlm-model {self.model!r} is not served by {where}; it serves: {shown}")
         return served
+
+
+def refuse_credentials(url: str | None) -> None:
+    """A URL with user:password@ would put a secret in a setting that config.json records."""
+    parts = urllib.parse.urlsplit(url or "")
+    if parts.username or parts.password:
+        raise VLMError(f"--vlm-url {safe_url(url)}: holds a user name or password; put the key in the environment "
+                       f"variable --vlm-api-key-env names (default {DEFAULT_KEY_ENV})")
 
 
 def is_loopback(url: str) -> bool:
