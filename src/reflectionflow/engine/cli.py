@@ -28,6 +28,11 @@ corrector's --lora-path, and VLM judges at --vlm-url (GPT-4o, a vLLM server, `re
 serve`). The API key is read from the variable --vlm-api-key-env names (default OPENAI_API_KEY),
 on every run and every --resume; it is never written anywhere. Folders, LoRA keys, the endpoint
 and its key are all checked before any weights load. See docs/backends.md.
+
+Several processes, GPUs or nodes: start the same command under `accelerate launch --multi_gpu
+--num_processes N -m reflectionflow generate ...` (or torchrun). The processes share the prompts
+and one run folder; rank 0 writes the ledger and report.html for the whole run; --resume works
+with any number of processes. See docs/scale-out.md.
 """
 
 
@@ -177,7 +182,7 @@ def cmd_generate(args) -> int:
         (i, d), = result.selected.items()
         print(f"selected: {Path(out) / f'{i:05d}' / d['file']} -> {Path(out) / f'{i:05d}' / 'samples' / '0000.png'}")
     if result.processes > 1:
-        print(f"{result.processes} processes searched it; ledger.json and report.html cover them all")
+        print(f"{result.processes} processes searched it; ledger.json covers them all")
     print(f"wrote {out}/ (ledger.json, config.json{'' if args.no_report else ', report.html'}); "
           f"score it with: reflectionflow evaluate {out}")
     return 0
