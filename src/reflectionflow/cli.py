@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "reflectionflow.train.cli",
     "reflectionflow.data.cli",
     "reflectionflow.backends.cli",
+    "reflectionflow.report.cli",
 )
 
 

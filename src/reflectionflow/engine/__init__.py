@@ -44,7 +44,8 @@ def resolve_prompt_list(config: RunConfig, prompt: str | None = None, prompts: s
     is applied later, so the run's identity does not depend on it)."""
     backend = get_backend(config.backend)
     if (prompt is None) == (prompts is None):
-        raise ConfigError("give either a PROMPT or --prompts FILE.jsonl|geneval-shapes|geneval-shapes-val"
+        raise ConfigError("give either a PROMPT or --prompts FILE (.jsonl, .txt, .csv, .tsv), a folder of them, "
+                          "or a named set (geneval-shapes, geneval-shapes-val)"
                           if prompt is None else "give either a PROMPT or --prompts, not both")
     if prompt is not None:
         if backend.parse_prompt is not None:

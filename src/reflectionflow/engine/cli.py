@@ -42,9 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _one_line_errors(g, "generate")
     g.add_argument("prompt", nargs="?", default=None,
                    help="one prompt (world: a GenEval-Shapes template; flux: any text)")
-    g.add_argument("--prompts", default=None, metavar="FILE|SET",
-                   help="GenEval metadata JSONL, or a named set: geneval-shapes, geneval-shapes-val; "
-                   "flux also geneval (GenEval's own 553 prompts)")
+    g.add_argument("--prompts", default=None, metavar="FILE|DIR|SET",
+                   help="GenEval metadata .jsonl, .txt (one prompt per line), .csv / .tsv with a prompt column "
+                   "and an optional category column (DrawBench, PartiPrompts), a folder of such files, or a named "
+                   "set: geneval-shapes, geneval-shapes-val; flux also geneval (GenEval's own 553 prompts). "
+                   "world: free text must fit a Shapes-world template")
     g.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON of run settings; flags override it")
     g.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<method>-b<budget>-s<seed>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out; regenerates nothing on disk")
@@ -183,9 +185,29 @@ def cmd_generate(args) -> int:
         print(f"selected: {Path(out) / f'{i:05d}' / d['file']} -> {Path(out) / f'{i:05d}' / 'samples' / '0000.png'}")
     if result.processes > 1:
         print(f"{result.processes} processes searched it; ledger.json covers them all")
-    print(f"wrote {out}/ (ledger.json, config.json{'' if args.no_report else ', report.html'}); "
-          f"score it with: reflectionflow evaluate {out}")
+    wrote = f"wrote {out}/ (ledger.json, config.json{'' if args.no_report else ', report.html'})"
+    free = free_text_prompts(Path(out), result.selected)
+    if free:
+        print(f"{wrote}; {free} of {len(result.selected)} prompts have no Shapes-world GenEval metadata, so the "
+              f"exact GenEval-Shapes evaluator is skipped; score it with: reflectionflow evaluate {out} --metric "
+              f"clipscore (or pickscore, fid, vlm-yesno, ...)")
+    else:
+        print(f"{wrote}; score it with: reflectionflow evaluate {out}")
     return 0
+
+
+def free_text_prompts(out: Path, indices) -> int:
+    """How many of the run's prompts the exact evaluator cannot judge (free text, other classes)."""
+    import json
+
+    from ..world.spec import is_world_metadata
+
+    n = 0
+    for i in indices:
+        path = out / f"{i:05d}" / "metadata.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        n += not (lines and is_world_metadata(json.loads(lines[0])))
+    return n
 
 
 def cmd_report(args) -> int:

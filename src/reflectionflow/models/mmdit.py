@@ -169,7 +169,15 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(B, H, Nq, Dh) x (B, H, Nk, Dh) -> (B, Nq, H*Dh); no mask, so SDPA can use flash kernels."""
-    a = F.scaled_dot_product_attention(q, k, v)
+    if q.is_cuda and q.shape[2] != k.shape[2]:
+        # Only causal_kv has more keys than queries (the condition's cached K/V). There PyTorch
+        # 2.11's cuDNN SDPA fails on an H100 ("mha_graph.execute ... is_good()", then an illegal
+        # memory access) on this model's strided q/k/v, while plain attention math runs
+        # (docs/RESULTS.md, "World corrector"). The math is exactly SDPA's.
+        w = torch.softmax((q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5, dim=-1)  # (B, H, Nq, Nk)
+        a = w.to(v.dtype) @ v
+    else:
+        a = F.scaled_dot_product_attention(q, k, v)
     return a.transpose(1, 2).flatten(2)
 
 

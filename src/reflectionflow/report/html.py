@@ -58,7 +58,8 @@ def write_report(root: str | Path, evaluate: bool = True) -> Path:
     config = folder.read_config() or {}
     ledger = json.loads(folder.ledger_path.read_text(encoding="utf-8")) if folder.ledger_path.is_file() else {}
     curve = best_of_k(folder.root, evaluate=evaluate)
-    body = [_header(folder, config, ledger), _ledger_table(ledger), _curve_section(curve)]
+    body = [_header(folder, config, ledger), _evaluation_note(folder), _ledger_table(ledger), _curve_section(curve),
+            _metrics_section(folder)]
     body.append("<h2>Prompts</h2>")
     counter = [0]
     for n, i in enumerate(folder.prompt_indices()):
@@ -95,6 +96,43 @@ def _header(folder: RunFolder, config: dict, ledger: dict) -> str:
     out.append("<h2>Config</h2><table>" + "".join(
         f"<tr><th class=l>{_e(k)}</th><td class=l>{_e(v)}</td></tr>" for k, v in rows) + "</table>")
     return "\n".join(out)
+
+
+def _evaluation_note(folder: RunFolder) -> str:
+    """Say so when the exact evaluator cannot judge the run's prompts (free text, other classes)."""
+    from ..world.spec import is_world_metadata
+
+    indices = folder.prompt_indices()
+    free = 0
+    for i in indices:
+        path = folder.prompt_dir(i) / "metadata.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        free += not (lines and is_world_metadata(json.loads(lines[0])))
+    if not free:
+        return ""
+    return (f"<div class=note>{free} of {len(indices)} prompts have no Shapes-world GenEval metadata: the exact "
+            "GenEval-Shapes evaluator is skipped for them (the curve below shows verifier scores). Score the run "
+            f"with <code>reflectionflow evaluate {_e(folder.root)} --metric NAME</code> (clipscore, pickscore, fid, "
+            "a VLM judge).</div>")
+
+
+def _metrics_section(folder: RunFolder) -> str:
+    """The summaries `reflectionflow evaluate --metric` left in the folder."""
+    from ..metrics import evaluated_metrics, read_metric
+
+    rows = []
+    for name in evaluated_metrics(folder.root):
+        _, s = read_metric(folder.root, name)
+        value = s.get("overall", s.get("mean", s.get("value")))
+        ci = f" [{s['ci95'][0]:.4g}, {s['ci95'][1]:.4g}]" if s.get("ci95") else ""
+        own = " <span class=bad title=\"the run's own verifier\">not independent</span>" if s.get(
+            "same_as_run_verifier") else ""
+        rows.append(f"<tr><td class=l>{_e(name)}</td><td>{'' if value is None else f'{value:.4g}'}{ci}</td>"
+                    f"<td>{_e(s.get('n_images', ''))}</td><td class=l>{_e(s.get('description', ''))}{own}</td></tr>")
+    if not rows:
+        return ""
+    return ("<h2>Metrics</h2><table><tr><th class=l>metric</th><th>value</th><th>images</th><th class=l>what</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 def _ledger_table(ledger: dict) -> str:

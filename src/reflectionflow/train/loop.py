@@ -23,7 +23,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,7 +86,7 @@ class TrainConfig:
 class Batch:
     images: torch.Tensor  # (B, H, W, 3) uint8
     text: torch.Tensor  # (B, L) int64 token ids
-    tags: torch.Tensor  # (B,) int64 index into world.spec.TAGS (for per-category logging)
+    tags: torch.Tensor  # (B,) int64 index into the loop's tag_names (world.spec.TAGS by default), for logging
     cond: torch.Tensor | None = None  # (B, H, W, 3) uint8: the corrector's previous image
 
 
@@ -200,10 +200,23 @@ class TrainResult:
 Validate = Callable[[int, nn.Module], None]  # (step, EMA model) -> writes samples/scores
 
 
+def save_ema_model(out: Path, ema: nn.Module) -> None:
+    """The default export: the whole EMA model in fp16 (OUT/ema), loadable with from_pretrained."""
+    ema.save_pretrained(out / "ema")
+
+
+Export = Callable[[Path, nn.Module], None]  # (run folder, EMA model) -> writes the shippable weights
+
+
 def train_flow_model(cfg: TrainConfig, model: nn.Module, batches: Callable[[int], Iterator[Batch]],
-                     validate: Validate | None = None) -> TrainResult:
+                     validate: Validate | None = None, tag_names: Sequence[str] = TAGS,
+                     export: Export = save_ema_model) -> TrainResult:
     """Train `model` (an MMDiT, or one with LoRA adapters: only parameters that require grad move)
-    with the rectified-flow loss on `batches(start_step)`; checkpoints, logs and resumes."""
+    with the rectified-flow loss on `batches(start_step)`; checkpoints, logs and resumes.
+
+    `Batch.tags` index `tag_names` (the loss is logged per name: GenEval categories for the
+    generator, data sources for the corrector); `export` writes the shippable weights with every
+    checkpoint (a LoRA trainer writes only its adapters)."""
     from tqdm import tqdm
 
     cfg.validate()
@@ -231,7 +244,7 @@ def train_flow_model(cfg: TrainConfig, model: nn.Module, batches: Callable[[int]
     acc_loss = torch.zeros((), device=dev)
     acc_bins = torch.zeros(LOSS_BINS, device=dev)
     acc_counts = torch.zeros(LOSS_BINS, device=dev)
-    acc_tags = torch.zeros(2, len(TAGS), device=dev)  # per-category loss sums and counts
+    acc_tags = torch.zeros(2, len(tag_names), device=dev)  # per-tag loss sums and counts
     acc_n, last_loss, paused = 0, float("nan"), 0.0  # paused: seconds spent validating
     t_start = t_log = time.perf_counter()
 
@@ -272,7 +285,7 @@ def train_flow_model(cfg: TrainConfig, model: nn.Module, batches: Callable[[int]
                    "img_per_s": round(acc_n * cfg.batch_size / (now - t_log), 1),
                    "loss_by_t_bin": [round(v, 4) for v in (acc_bins / acc_counts.clamp(min=1)).tolist()],
                    "loss_by_tag": {t: round(v, 4) for t, v in
-                                   zip(TAGS, (acc_tags[0] / acc_tags[1].clamp(min=1)).tolist())},
+                                   zip(tag_names, (acc_tags[0] / acc_tags[1].clamp(min=1)).tolist())},
                    "train_minutes": round(minutes(), 3)}
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -282,7 +295,7 @@ def train_flow_model(cfg: TrainConfig, model: nn.Module, batches: Callable[[int]
             acc_n, t_log = 0, now
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             save_checkpoint(out, model, ema, opt, step, cfg)
-            ema.model.save_pretrained(out / "ema")
+            export(out, ema.model)
         if validate is not None and step % cfg.sample_every == 0 and step < cfg.max_steps:
             t0 = time.perf_counter()
             validate(step, ema.model)
@@ -291,5 +304,5 @@ def train_flow_model(cfg: TrainConfig, model: nn.Module, batches: Callable[[int]
     bar.close()
     if step % cfg.ckpt_every and step != cfg.max_steps:  # stopped by the clock: keep what was done
         save_checkpoint(out, model, ema, opt, step, cfg)
-        ema.model.save_pretrained(out / "ema")
+        export(out, ema.model)
     return TrainResult(step=step, minutes=minutes(), last_loss=last_loss, ema=ema.model)

@@ -8,15 +8,21 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..metrics.cli import METRIC_HELP, add_arguments
+
     p = sub.add_parser(
         "evaluate",
-        help="score a GenEval-layout folder with the exact GenEval-Shapes evaluator",
-        description="Apply GenEval's rules with the world detector to DIR/<NNNNN>/samples/*.png; "
-        "print overall and per-category accuracy; write DIR/results.jsonl and DIR/scores.json.",
+        help="score a run folder: the exact GenEval-Shapes evaluator, CLIPScore, PickScore, FID, any verifier",
+        description="Score DIR/<NNNNN>/samples/*.png. By default (Shapes-world prompts) apply GenEval's rules\n"
+        "with the world detector: print overall and per-category accuracy; write DIR/results.jsonl and\n"
+        "DIR/scores.json. With --metric NAME, any other metric; it writes DIR/metrics/<NAME>/.",
+        epilog=METRIC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _one_line_errors(p, "evaluate")
     p.add_argument("dir", help="a GenEval-layout folder (DIR/<NNNNN>/metadata.jsonl, DIR/<NNNNN>/samples/*.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print scores.json instead of the table")
+    p.add_argument("--json", action="store_true", help="print the summary (scores.json / summary.json) as JSON")
+    add_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     w = sub.add_parser("world", help="the Shapes world: draw ground truth, list prompts, show the vocabulary")
@@ -25,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Draw the true scene of every prompt (N samples each, seeded) into a "
                         "GenEval-layout folder, with each scene's objects in scenes.jsonl.")
     s.add_argument("--prompts", default="geneval-shapes",
-                   help="GenEval JSONL file or a named set: geneval-shapes (default), geneval-shapes-val")
+                   help="a prompts file (.jsonl GenEval lines; .txt, .csv, .tsv of world prompts), a folder of them, "
+                   "or a named set: geneval-shapes (default), geneval-shapes-val")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--n-samples", type=int, default=4, help="images per prompt (default 4)")
     s.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
@@ -41,17 +48,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=lambda a: print(__import__("reflectionflow.world.spec", fromlist=["x"]).vocabulary_help()))
 
 
-def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_folder, format_summary
+def _one_line_errors(parser: argparse.ArgumentParser, name: str) -> None:
+    # argparse prints the whole usage before an error; the project's errors are one line.
+    def error(message: str):
+        parser.exit(2, f"reflectionflow {name}: error: {message}\n")
 
-    _, summary = evaluate_folder(args.dir, progress=not args.quiet)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(format_summary(summary))
-        if summary.get("unreadable"):
-            print(f"  {summary['unreadable']} unreadable image(s) counted as incorrect; see results.jsonl")
-        print(f"wrote {Path(args.dir) / 'results.jsonl'} and {Path(args.dir) / 'scores.json'}")
+    parser.error = error
+
+
+def cmd_evaluate(args) -> int:
+    import os
+
+    from ..metrics import evaluate_runs
+    from ..metrics.cli import options_from_args, print_results
+
+    options = options_from_args(args, os.environ)
+    results = evaluate_runs(Path(args.dir), args.metric, options, progress=not args.quiet)
+    print_results(results, args.json)
     return 0
 
 

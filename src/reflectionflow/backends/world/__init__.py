@@ -42,3 +42,5 @@ register("reflector", "world-oracle", "edit commands from the detector versus th
     _plain(OracleReflector, "reflector world-oracle"))
 register("refiner", "world-rule", "restates a world prompt explicitly, stressing what the reflection fixes")(
     _plain(RuleRefiner, "refiner world-rule"))
+
+from . import mmdit  # noqa: E402,F401  (registers generator world-mmdit, correctors world-mmdit and world-mmdit-kv)

@@ -14,6 +14,9 @@ On disk a corrector is a folder with `lora.safetensors` (fp16 adapter weights on
 in the metadata) and `corrector.json` (LoRA settings, condition attention, the base generator's
 sha256, the training config). A LoRA only makes sense on the generator it was trained on, so the
 hash is checked when it loads.
+
+Importing this module registers the components and costs no torch import (the world backend's
+commands start in well under a second); torch and the model load when a component is built.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ...components import (
     ComponentError,
@@ -36,11 +39,13 @@ from ...components import (
     Generator,
     register,
 )
-from ...models.flow import RectifiedFlow
-from ...models.lora import LoRAConfig, apply_lora, lora_state_dict
-from ...models.mmdit import MMDiT, MMDiTConfig
-from ...models.text import Tokenizer
-from ...train.loop import resolve_device, to_model_space, to_uint8
+
+if TYPE_CHECKING:
+    import torch
+
+    from ...models.lora import LoRAConfig
+    from ...models.mmdit import MMDiT, MMDiTConfig
+    from ...models.text import Tokenizer
 
 # src/reflectionflow/backends/world/mmdit.py -> the repository root holds weights/.
 WEIGHTS_DIR = Path(__file__).resolve().parents[4] / "weights"
@@ -62,6 +67,8 @@ TRAIN_CORRECTOR_HINT = "train them with `reflectionflow train world-corrector --
 def seed_noise(seed: int, config: MMDiTConfig) -> torch.Tensor:
     """(C, H, W) float32 initial noise for a seed, drawn on the CPU so that a seed gives the same
     image on any device (the same draw as train.world.generate_images)."""
+    import torch
+
     if not 0 <= int(seed) < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     g = torch.Generator().manual_seed(int(seed))
@@ -100,6 +107,8 @@ def load_generator(folder: str | Path, cond_attention: str | None = None,
                    device: str | torch.device = "cpu") -> MMDiT:
     """The generator's MMDiT (fp32, eval mode), optionally with another condition attention
     (it changes how condition tokens attend, not any weight)."""
+    from ...models.mmdit import MMDiT
+
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no generator weights; {TRAIN_GENERATOR_HINT}")
@@ -112,7 +121,10 @@ def load_generator(folder: str | Path, cond_attention: str | None = None,
 def save_corrector(folder: str | Path, model: MMDiT, lora: LoRAConfig, generator: str | Path,
                    info: dict | None = None) -> None:
     """Write `lora.safetensors` (fp16 adapters) and `corrector.json`, each atomically."""
+    import torch
     from safetensors.torch import save_file
+
+    from ...models.lora import lora_state_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -149,6 +161,8 @@ def load_corrector(folder: str | Path, generator: str | Path | None = None,
     """(generator + trained LoRA, corrector.json) from a corrector folder; `generator` defaults to
     the shipped one and must be the generator the LoRA was trained on (same sha256)."""
     from safetensors.torch import load_file
+
+    from ...models.lora import LoRAConfig, apply_lora, lora_state_dict
 
     config = read_corrector_config(folder)
     gen = Path(generator) if generator is not None else DEFAULT_GENERATOR
@@ -194,7 +208,7 @@ class SamplerOptions:
                 raise ComponentError(f"{who}: option {name} must be a number > 0, got {v!r}")
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             raise ComponentError(f"{who}: option device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        if self.device.startswith("cuda") and not _cuda_available():
             raise ComponentError(f"{who}: device {self.device!r} asked for, but CUDA is not available")
 
 
@@ -211,6 +225,12 @@ class CorrectorOptions(SamplerOptions):
     cache_cond: bool = True  # causal_kv: condition keys/values once per image, not once per step
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _options(cls, options: dict, who: str):
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(options) - set(known))
@@ -225,6 +245,11 @@ class _Sampler:
     """A loaded MMDiT with its flow wrapper; batches requests into model calls."""
 
     def __init__(self, model: MMDiT, opt: SamplerOptions):
+        import torch
+
+        from ...models.flow import RectifiedFlow
+        from ...train.loop import resolve_device
+
         self.opt = opt
         self.device = resolve_device(opt.device)
         self.model = model.to(self.device).eval()
@@ -232,6 +257,8 @@ class _Sampler:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=opt.bf16 and self.device.type == "cuda")
 
     def noise(self, seed: int, given: np.ndarray | None, who: str) -> torch.Tensor:
+        import torch
+
         c = self.model.config
         if given is None:
             return seed_noise(seed, c)
@@ -241,12 +268,15 @@ class _Sampler:
             raise ValueError(f"{who}: noise must have shape {shape}, got {arr.shape}")
         return torch.from_numpy(arr.copy())
 
-    @torch.no_grad()
     def sample(self, noise: torch.Tensor, texts: list[str], cond: torch.Tensor | None = None,
                cache_cond: bool = True) -> tuple[np.ndarray, int]:
         """(B, H, W, 3) uint8 images and NFE per image."""
+        import torch
+
+        from ...train.loop import to_uint8
+
         text = self.model.tokenizer(texts).to(self.device)
-        with self.autocast:
+        with torch.no_grad(), self.autocast:
             res = self.flow.sample(noise.to(self.device), text, cond=None if cond is None else cond.to(self.device),
                                    steps=self.opt.steps, cfg=float(self.opt.guidance), shift=float(self.opt.shift),
                                    cache_cond=cache_cond)
@@ -276,6 +306,8 @@ class MMDiTGenerator(Generator):
         return seed_noise(seed, self.model.config).numpy()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        import torch
+
         out: list[GenerationResult] = []
         for chunk in _chunks(list(requests), self.opt.batch_size):
             noise = torch.stack([self.sampler.noise(r.seed, r.noise, self.who) for r in chunk])  # (B, C, H, W)
@@ -303,6 +335,8 @@ class MMDiTCorrector(Corrector):
         return seed_noise(seed, self.model.config).numpy()
 
     def _condition(self, image, i: int) -> torch.Tensor:
+        import torch
+
         s = self.model.config.image_size
         arr = np.asarray(image)
         if arr.shape != (s, s, 3) or arr.dtype != np.uint8:
@@ -311,6 +345,10 @@ class MMDiTCorrector(Corrector):
         return torch.from_numpy(np.ascontiguousarray(arr))
 
     def correct(self, requests: Sequence[CorrectionRequest]) -> list[GenerationResult]:
+        import torch
+
+        from ...train.loop import to_model_space
+
         out: list[GenerationResult] = []
         tok = self.model.tokenizer
         requests = list(requests)

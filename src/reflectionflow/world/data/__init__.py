@@ -61,28 +61,134 @@ def write() -> None:
 
 
 
-def resolve_prompts(arg: str, world_only: bool = True) -> list[dict]:
-    """A named prompt set or a GenEval JSONL path -> validated metadata lines.
+# ----------------------------------------------------------------------------------------------
+# Prompt files: GenEval JSONL, plain text, CSV / TSV (DrawBench, PartiPrompts), or a folder of them.
 
-    Errors name the file and line. With world_only, every line must fit the Shapes world.
+PROMPT_SUFFIXES = (".jsonl", ".txt", ".csv", ".tsv")
+PROMPT_COLUMNS = ("prompt", "prompts")  # matched case-insensitively: PartiPrompts "Prompt", DrawBench "Prompts"
+CATEGORY_COLUMNS = ("category",)
+
+
+def read_free_text(path: Path) -> list[tuple[str, str | None, str]]:
+    """(prompt, category or None, where) for every prompt of a .txt / .csv / .tsv file.
+
+    .txt: one prompt per line, blank lines skipped. .csv / .tsv: a header row with a prompt column
+    (prompt / Prompt / Prompts) and an optional category column; other columns are ignored.
     """
+    from ..spec import PromptError
+
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix.lower() == ".txt":
+        return [(line.strip(), None, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    import csv
+
+    rows = csv.reader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    header = next(rows, None)
+    while header is not None and not any(c.strip() for c in header):
+        header = next(rows, None)  # blank lines before the header
+    if header is None:
+        return []
+    names = [c.strip().lower() for c in header]
+    col = next((names.index(c) for c in PROMPT_COLUMNS if c in names), None)
+    if col is None:
+        raise PromptError(f"{path}: no prompt column (columns: {', '.join(h.strip() for h in header) or 'none'}); "
+                          f"expected one named {', '.join(('prompt', 'Prompt', 'Prompts'))}")
+    cat = next((names.index(c) for c in CATEGORY_COLUMNS if c in names), None)
+    out = []
+    for n, row in enumerate(rows, 2):
+        if not any(c.strip() for c in row):
+            continue
+        prompt = row[col].strip() if col < len(row) else ""
+        if not prompt:
+            raise PromptError(f"{path}:{n}: empty {header[col].strip()!r} cell")
+        category = row[cat].strip() if cat is not None and cat < len(row) and row[cat].strip() else None
+        out.append((prompt, category, f"{path}:{n}"))
+    return out
+
+
+def _prompt_files(arg: str) -> list[Path]:
+    from ..spec import PromptError
+
+    path = Path(arg)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in PROMPT_SUFFIXES)
+        if not files:
+            raise PromptError(f"{arg}: a folder with no prompt files (accepted: {', '.join(PROMPT_SUFFIXES)})")
+        return files
+    if not path.is_file():
+        raise PromptError(f"{arg}: no such prompts file or folder (or named set: {', '.join(FILES)})")
+    if path.suffix.lower() not in PROMPT_SUFFIXES:
+        raise PromptError(f"{arg}: unknown prompts file type {path.suffix or '(none)'!r}; accepted: "
+                          f"{', '.join(PROMPT_SUFFIXES)} or a folder of them")
+    return [path]
+
+
+def _from_free_text(prompt: str, category: str | None, where: str, world_only: bool) -> dict:
+    """A free-text prompt's line: with world_only, the GenEval metadata the world parser gives it
+    (or an error: the world's generators draw only world prompts); else just the prompt."""
+    from ..spec import PromptError, parse_prompt
+
+    if world_only:
+        try:
+            meta = parse_prompt(prompt)
+        except PromptError as e:
+            head = str(e).splitlines()[0]
+            raise PromptError(f"{where}: {head}; the world backend draws only Shapes-world prompts (see "
+                              f"`reflectionflow world vocabulary`); run free text with a real-scale backend "
+                              f"(--backend flux)") from None
+    else:
+        meta = {"prompt": prompt}
+    if category is not None:
+        meta["category"] = category  # not GenEval's `tag`: the file's own grouping (DrawBench, PartiPrompts)
+    return meta
+
+
+def _from_jsonl(path: Path, world_only: bool) -> list[dict]:
     from ..spec import PromptError, validate_metadata
 
+    metas = load_metadata_file(path)
+    for i, m in enumerate(metas, 1):
+        text = m.get("prompt") if isinstance(m, dict) else None
+        has_text = isinstance(text, str) and bool(text.strip())
+        if world_only and has_text and "include" not in m:  # a line of free text ({"prompt": ...}): parse it
+            metas[i - 1] = _from_free_text(text.strip(), m.get("category"), f"{path}:{i}", True)
+        elif world_only:
+            validate_metadata(m, where=f"{path}: line {i}")
+        elif not has_text:
+            raise PromptError(f"{path}: line {i}: expected a GenEval line with a 'prompt' key")
+    return metas
+
+
+def resolve_prompts(arg: str, world_only: bool = True) -> list[dict]:
+    """A named prompt set, a prompts file (.jsonl GenEval lines, .txt one prompt per line, .csv /
+    .tsv with a prompt column and an optional category column) or a folder of them (files in name
+    order) -> metadata lines, each with at least a `prompt`.
+
+    With world_only every prompt must be a Shapes-world one: GenEval lines are validated, free text
+    is parsed into its GenEval line. Otherwise free text stays free text: {"prompt": ..., "category"?}
+    (no GenEval metadata, so the world's exact evaluator does not apply to it). Errors name the file
+    and line.
+    """
+    from ..spec import PromptError
+
     if arg in FILES:
-        path = FILES[arg]
         if world_only and arg == "geneval":
             raise PromptError(
                 "prompt set 'geneval' holds COCO classes; the world backend draws only the Shapes "
                 "world (use --prompts geneval-shapes, or a real-scale backend for GenEval itself)"
             )
-    else:
-        path = Path(arg)
-        if not path.is_file():
-            raise PromptError(f"{arg}: no such prompts file (or named set: {', '.join(FILES)})")
-    metas = load_metadata_file(path)
-    for i, m in enumerate(metas, 1):
-        if world_only:
-            validate_metadata(m, where=f"{path}: line {i}")
-        elif not isinstance(m, dict) or "prompt" not in m:
-            raise PromptError(f"{path}: line {i}: expected a GenEval line with a 'prompt' key")
+        return _from_jsonl(FILES[arg], world_only)
+    metas: list[dict] = []
+    for path in _prompt_files(arg):
+        if path.suffix.lower() == ".jsonl":
+            metas += _from_jsonl(path, world_only)
+            continue
+        lines = read_free_text(path)
+        if not lines:
+            raise PromptError(f"{path}: the prompts file is empty")
+        metas += [_from_free_text(p, c, where, world_only) for p, c, where in lines]
     return metas

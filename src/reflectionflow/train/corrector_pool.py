@@ -1,0 +1,257 @@
+"""The generator's own samples, judged and repaired: the corrector's rule, keep, reward and length data.
+
+The corrector must fix what the trained generator actually draws (soft edges, odd sizes, two
+rings where a ring and a cross were asked for), not only crisp renders. So a pool of generator
+samples is drawn once, on the GPU, and each is labelled on the CPU (a process pool):
+
+- the evaluator's verdict and graded score (world.evaluate),
+- the oracle reflection: edit commands from the detections versus the prompt
+  (backends.world.oracle.reflect_commands),
+- for a failed sample, the minimal edit that fixes it: the commands applied to the detected scene
+  (backends.world.simulated.apply_command), then only what changed is repainted on the sample
+  itself (removed objects erased to the background, new or changed ones drawn), so the pair
+  differs only where the reflection says; kept only when the evaluator passes the result.
+
+Pool folder (written by `build_pool`, `pool.json` last, so its presence means complete):
+    images.npy   (N, 64, 64, 3) uint8  generator samples
+    targets.npy  (T, 64, 64, 3) uint8  minimal edits of the failed samples that could be fixed
+    val_images.npy                     validation samples (validation prompts, small seeds)
+    pool.json    settings, and per sample: prompt, tag, seed, correct, score, reflection, target
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ..world import spec
+from ..world.detect import Detection, detect
+from ..world.evaluate import evaluate_detections, evaluate_image
+from ..world.render import Obj, coverage_mask
+
+KEEP = "- Keep the image unchanged."
+# The generator fails mostly on two objects, counting and position (weights/world-generator):
+# pool prompts (and world GenRef's generator sources) are drawn there, so more samples fail.
+POOL_TAG_WEIGHTS = {"single_object": 0.04, "two_object": 0.32, "counting": 0.22, "colors": 0.04,
+                    "position": 0.30, "color_attr": 0.08}
+POOL_FORMAT = "reflectionflow-corrector-pool/1"
+_BG = np.array(spec.BACKGROUND, dtype=np.float32)
+
+
+@dataclass
+class Label:
+    correct: bool
+    score: float  # fraction of GenEval clauses satisfied
+    reflection: str  # the oracle's commands ("- Keep the image unchanged." when correct)
+    target: np.ndarray | None = None  # (64, 64, 3) uint8 minimal edit of a failed sample
+    reason: str = ""  # the evaluator's reasons, one per line (empty when correct)
+    objects: list[str] = field(default_factory=list)  # what the detector saw: "green ring", ...
+
+
+@lru_cache(maxsize=512)
+def _mask(cls: str, size: int) -> np.ndarray:
+    return coverage_mask(cls, float(size))[:, :, None].astype(np.float32)  # (s, s, 1)
+
+
+def edit_image(image: np.ndarray, dets: Sequence[Detection], commands, rng: random.Random) -> np.ndarray | None:
+    """The sample with the commands applied where they act, or None when they change nothing."""
+    from ..backends.world.simulated import apply_command, scene_from_detections
+
+    source = scene_from_detections(dets)
+    scene = source
+    for c in commands:
+        scene = apply_command(scene, c, rng)
+    before, after = set(source), set(scene)
+    removed = [i for i, o in enumerate(source) if o not in after]
+    added = [o for o in scene if o not in before]
+    if not removed and not added:
+        return None
+    canvas = image.astype(np.float32)  # (64, 64, 3), a copy
+    size = canvas.shape[0]
+    for i in removed:
+        # The detection's box (not the size-clamped Obj) is where the pixels are; 1 px of margin
+        # takes the soft edge too (objects are at least 2 px apart).
+        x1, y1, x2, y2 = dets[i].box
+        canvas[max(y1 - 1, 0) : min(y2 + 1, size), max(x1 - 1, 0) : min(x2 + 1, size)] = _BG
+    for o in added:
+        region = canvas[o.y : o.y + o.size, o.x : o.x + o.size]
+        region += _mask(o.cls, o.size) * (np.array(spec.COLORS[o.color], dtype=np.float32) - region)
+    return np.rint(canvas).clip(0, 255).astype(np.uint8)
+
+
+def label_one(image: np.ndarray, meta: dict, seed: int, with_target: bool = True) -> Label:
+    from ..backends.world.oracle import reflect_commands
+    from ..world.commands import format_reflection
+
+    dets = detect(image)
+    verdict = evaluate_detections(dets, meta)
+    commands = reflect_commands(dets, meta)
+    label = Label(verdict.correct, float(verdict.score), format_reflection(commands), reason=verdict.reason,
+                  objects=[f"{d.color} {d.cls}" for d in dets])
+    if with_target and not verdict.correct:
+        target = edit_image(image, dets, commands, random.Random(int(seed)))
+        if target is not None and evaluate_image(target, meta).correct:
+            label.target = target
+    return label
+
+
+def _label_chunk(args) -> list[Label]:
+    images, metas, seeds, with_target = args
+    return [label_one(im, m, s, with_target) for im, m, s in zip(images, metas, seeds)]
+
+
+def label_images(images: np.ndarray, metas: Sequence[dict], seeds: Sequence[int], workers: int = 1,
+                 with_target: bool = True, chunk: int = 256) -> list[Label]:
+    """Label every image, in order; `workers` > 1 spreads chunks over forked processes (they touch
+    numpy only, so forking after CUDA started is safe; spawn would re-run `python -m`'s main)."""
+    jobs = [(images[i : i + chunk], metas[i : i + chunk], seeds[i : i + chunk], with_target)
+            for i in range(0, len(images), chunk)]
+    if workers <= 1 or len(jobs) <= 1:
+        return [lab for job in jobs for lab in _label_chunk(job)]
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+        return [lab for part in pool.map(_label_chunk, jobs) for lab in part]
+
+
+def default_workers() -> int:
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pool
+
+
+@dataclass
+class PoolSettings:
+    generator_sha256: str
+    size: int = 49_152  # generator samples
+    per_prompt: int = 4  # samples per prompt draw (reward pairs compare samples of one draw)
+    tag_weights: dict | None = None  # categories to draw prompts from; None: the generator's weights
+    steps: int = 20
+    cfg_scale: float = 3.0
+    seed: int = 0
+    val_prompts: int = 553  # of geneval_shapes_val.jsonl, spread over the categories
+    val_samples: int = 2  # samples per validation prompt (seed = its position in the list)
+
+
+def draw_pool_prompts(s: PoolSettings) -> tuple[list[dict], list[int]]:
+    """(metadata, seed) per sample: prompt draws from the whole prompt space by category weight,
+    `per_prompt` consecutive samples per draw, seeds above the train floor (never a benchmark's)."""
+    from .world import DEFAULT_TAG_WEIGHTS, TRAIN_SEED_FLOOR
+
+    weights = s.tag_weights or DEFAULT_TAG_WEIGHTS
+    p = np.array([weights.get(t, 0.0) for t in spec.TAGS], dtype=np.float64)
+    rng = np.random.default_rng([s.seed, 17])
+    pools = [spec._all_combinations(t) for t in spec.TAGS]
+    draws = -(-s.size // s.per_prompt)
+    tags = rng.choice(len(spec.TAGS), size=draws, p=p / p.sum())
+    metas = [pools[t][rng.integers(len(pools[t]))] for t in tags]
+    seeds = rng.integers(TRAIN_SEED_FLOOR, 2**62, size=draws * s.per_prompt).tolist()
+    return [m for m in metas for _ in range(s.per_prompt)][: s.size], seeds[: s.size]
+
+
+def _generate(model, metas: Sequence[dict], seeds: Sequence[int], s: PoolSettings, batch: int,
+              what: str, progress: bool) -> np.ndarray:
+    from tqdm import tqdm
+
+    from .world import generate_images
+
+    out = []
+    step = batch * 8
+    for i in tqdm(range(0, len(metas), step), desc=what, unit="chunk", disable=not progress):
+        images, _ = generate_images(model, [m["prompt"] for m in metas[i : i + step]], seeds[i : i + step],
+                                    s.steps, s.cfg_scale, batch)
+        out.append(images)
+    return np.concatenate(out) if out else np.zeros((0, 64, 64, 3), np.uint8)
+
+
+def build_pool(model, s: PoolSettings, folder: str | Path, workers: int = 1, batch: int = 512,
+               progress: bool = True) -> Path:
+    """Draw, label and save the pool (and the validation samples) into `folder`; reuse a complete
+    pool with the same settings, refuse one with other settings."""
+    import time
+
+    from .world import load_prompt_file, spread
+
+    folder = Path(folder)
+    if (folder / "pool.json").is_file():
+        saved = json.loads((folder / "pool.json").read_text())["settings"]
+        if saved != asdict(s):
+            differ = sorted(k for k in saved if saved[k] != asdict(s).get(k))
+            raise ValueError(f"{folder} holds a pool built with other settings ({', '.join(differ)}); "
+                             "remove it or name another pool folder")
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    metas, seeds = draw_pool_prompts(s)
+    images = _generate(model, metas, seeds, s, batch, "pool: generate", progress)
+    val_metas = [m for m in spread(load_prompt_file("geneval_shapes_val.jsonl"), s.val_prompts)
+                 for _ in range(s.val_samples)]
+    val_seeds = list(range(len(val_metas)))  # small seeds: the pool's are >= 2**40, so never one of these
+    val_images = _generate(model, val_metas, val_seeds, s, batch, "pool: validation", progress)
+    t1 = time.perf_counter()
+    labels = label_images(images, metas, seeds, workers)
+    val_labels = label_images(val_images, val_metas, val_seeds, workers, with_target=False)
+    t2 = time.perf_counter()
+    targets, rows = [], []
+    for m, seed, lab in zip(metas, seeds, labels):
+        rows.append({"prompt": m["prompt"], "tag": m["tag"], "seed": int(seed), "correct": lab.correct,
+                     "score": round(lab.score, 4), "reflection": lab.reflection,
+                     "target": len(targets) if lab.target is not None else -1})
+        if lab.target is not None:
+            targets.append(lab.target)
+    val_rows = [{"prompt": m["prompt"], "tag": m["tag"], "seed": int(seed), "correct": lab.correct,
+                 "reflection": lab.reflection} for m, seed, lab in zip(val_metas, val_seeds, val_labels)]
+    np.save(folder / "images.npy", images)
+    np.save(folder / "targets.npy", np.stack(targets) if targets else np.zeros((0, 64, 64, 3), np.uint8))
+    np.save(folder / "val_images.npy", val_images)
+    failed = sum(not r["correct"] for r in rows)
+    summary = {"samples": len(rows), "failed": failed, "fixable": len(targets),
+               "passed": len(rows) - failed, "val_samples": len(val_rows),
+               "val_failed": sum(not r["correct"] for r in val_rows),
+               "generate_seconds": round(t1 - t0, 1), "label_seconds": round(t2 - t1, 1)}
+    doc = {"format": POOL_FORMAT, "settings": asdict(s), "summary": summary, "samples": rows, "val": val_rows}
+    (folder / "pool.json.tmp").write_text(json.dumps(doc))
+    (folder / "pool.json.tmp").replace(folder / "pool.json")
+    return folder
+
+
+@dataclass
+class Pool:
+    """A built pool, images memory-mapped (DataLoader workers share the pages)."""
+
+    folder: Path
+    settings: dict
+    summary: dict
+    samples: list[dict]
+    val: list[dict]
+    images: np.ndarray
+    targets: np.ndarray
+    val_images: np.ndarray
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Pool:
+        folder = Path(folder)
+        if not (folder / "pool.json").is_file():
+            raise FileNotFoundError(f"{folder}/pool.json: no complete corrector pool there")
+        doc = json.loads((folder / "pool.json").read_text())
+        if doc.get("format") != POOL_FORMAT:
+            raise ValueError(f"{folder}/pool.json: format {doc.get('format')!r}, expected {POOL_FORMAT!r}")
+        load = lambda name: np.load(folder / name, mmap_mode="r")  # noqa: E731
+        return cls(folder, doc["settings"], doc["summary"], doc["samples"], doc["val"], load("images.npy"),
+                   load("targets.npy"), load("val_images.npy"))
+
+
+def scene_detections(scene: Sequence[Obj]) -> list[Detection]:
+    """What the detector reports on a clean render of `scene` (it agrees with the truth on every
+    rendered scene: docs/RESULTS.md), in its order, without spending 2 ms per image on detection."""
+    dets = [Detection(o.cls, o.color, o.box, 1.0, o.size * o.size) for o in scene]
+    return sorted(dets, key=lambda d: (d.box[1], d.box[0]))
