@@ -27,3 +27,31 @@ def cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+# The shipped world defaults are the trained MMDiT generator and corrector (about 20 s per prompt on
+# a 2-core CPU). Tests run the engine on the renderer-backed stand-ins, which take milliseconds per
+# image; tests marked `trained_world` get the real defaults back. Subprocesses name the stand-ins
+# with STAND_INS on their command line.
+STAND_INS = ("--generator", "world-render", "--corrector", "world-edit")
+SHIPPED = {}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fast_world_defaults():
+    from reflectionflow.backends import world
+
+    SHIPPED.update(generator=world.DEFAULTS["generator"], corrector=world.DEFAULTS["corrector"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(world.DEFAULTS, "generator", "world-render")
+        mp.setitem(world.DEFAULTS, "corrector", "world-edit")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _shipped_world_defaults(request, monkeypatch):
+    if request.node.get_closest_marker("trained_world"):
+        from reflectionflow.backends import world
+
+        for kind, name in SHIPPED.items():
+            monkeypatch.setitem(world.DEFAULTS, kind, name)

@@ -24,6 +24,7 @@ from reflectionflow.config import RunConfig
 from reflectionflow.engine import Components, DistContext, DistributedError, generate, my_share, work_units
 from reflectionflow.engine.distributed import launch_note
 
+from .conftest import STAND_INS
 from .test_engine_support import Counting, done_markers, outputs, run, subset_file
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +266,8 @@ def _launch(n: int, tmp_path: Path, *argv) -> list[str]:
     # launcher (--multi_gpu, no GPU needed) starts them anywhere, and the processes talk over gloo.
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", "reflectionflow", "generate", *map(str, argv)]
+            "--main_process_port", str(_free_port()), "-m", "reflectionflow", "generate", *STAND_INS,
+            *map(str, argv)]
 
 
 def _env(tmp_path: Path) -> dict:

@@ -17,6 +17,7 @@ from reflectionflow.components import build
 from reflectionflow.engine import Components
 from reflectionflow.runs import RunFolderError
 
+from .conftest import STAND_INS
 from .test_engine_support import Counting, done_markers, outputs, run, subset_file
 
 CONFIGS = {
@@ -152,7 +153,7 @@ def test_batching_across_prompts_and_chains_does_not_change_outputs(tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_resume_from_the_command_line(tmp_path):
     prompts = subset_file(tmp_path, 4)
-    base = [sys.executable, "-m", "reflectionflow", "generate", "--prompts", str(prompts), "--budget", "8",
+    base = [sys.executable, "-m", "reflectionflow", "generate", *STAND_INS, "--prompts", str(prompts), "--budget", "8",
             "--quiet", "--early-stop", "1.0", "--reallocate", "prompts", "--prompt-batch", "6", "--batch-size", "4"]
     ref = tmp_path / "ref"
     t0 = time.perf_counter()

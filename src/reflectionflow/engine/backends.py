@@ -83,7 +83,7 @@ def _flux_arguments(parser) -> None:
 BACKENDS: dict[str, Backend] = {
     "world": Backend(
         name="world",
-        description="the embedded Shapes world (oracle components until the trained world models land)",
+        description="the embedded Shapes world (trained MMDiT generator and corrector, oracle judges)",
         module="reflectionflow.backends.world",
         parse_prompt=_world_parse,
         resolve_prompts=_world_prompts,

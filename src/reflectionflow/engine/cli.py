@@ -12,12 +12,13 @@ Spend a budget of images per prompt along the noise, prompt or reflection axis a
 GenEval-layout run folder (OUT/<NNNNN>/samples/0000.png is the verifier's pick) with every
 candidate in OUT/<NNNNN>/trace.jsonl, the ledger, the resolved config and report.html.
 
-Defaults: the world backend, the reflection method, a budget of 8 (a prompt finishes in well
-under a second on a laptop CPU). Until the trained world models land, the world backend's
-default components are ORACLE stand-ins: the renderer-backed generator (world-render), the
-command-applying corrector (world-edit), the rule refiner (world-rule), and the exact
-GenEval-Shapes evaluator as verifier and the detector as reflector (world-oracle). With the
-oracle verifier, accuracies are the paper's oracle-verifier upper bound.
+Defaults: the world backend, the reflection method, a budget of 8 (about 20 s per prompt on a
+2-core CPU, start-up included). The world backend's default generator and corrector are the
+project's trained MMDiT models (world-mmdit: weights/world-generator, weights/world-corrector;
+world-mmdit-kv is the corrector with cached condition keys/values). The verifier and reflector
+are still the ORACLE ones (world-oracle: the exact GenEval-Shapes evaluator and the detector), so
+accuracies with them are the paper's oracle-verifier upper bound; the refiner is world-rule. The
+renderer-backed stand-ins world-render (generator) and world-edit (corrector) run in milliseconds.
 
 methods: noise (best-of-N over seeds), zero-order (neighbours of the best noise, Flux-TTS),
 prompt (N chains x M rounds of prompt refinement), reflection (ReflectionFlow: pool, then

@@ -1,9 +1,9 @@
 """The world backend's components, registered by name (components.py imports this package).
 
-Until the trained world models land, these are the defaults: the renderer-backed generator and
-corrector and the oracle verifier and reflector (the exact evaluator and the detector). They make
-every path of the engine run end to end on a CPU in milliseconds, and they are the paper's
-"oracle verifier" upper bound in their own right.
+Defaults: the trained MMDiT generator and reflection-tuned corrector (`mmdit.py`, weights in
+weights/), the rule refiner, and the oracle verifier and reflector (the exact evaluator and the
+detector: the paper's "oracle verifier" upper bound). The renderer-backed stand-ins
+`world-render` and `world-edit` make every path of the engine run on a CPU in milliseconds.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from .simulated import EditCorrector, RenderGenerator
 
 # What `--backend world` uses when no component name is given.
 DEFAULTS: dict[str, str] = {
-    "generator": "world-render",
+    "generator": "world-mmdit",
     "verifier": "world-oracle",
     "reflector": "world-oracle",
     "refiner": "world-rule",
-    "corrector": "world-edit",
+    "corrector": "world-mmdit",
 }
 
 

@@ -342,7 +342,7 @@ class MMDiTCorrector(Corrector):
         if arr.shape != (s, s, 3) or arr.dtype != np.uint8:
             raise ValueError(f"{self.who}: request {i}: the image must be ({s}, {s}, 3) uint8, "
                              f"got {arr.dtype} {arr.shape}")
-        return torch.from_numpy(np.ascontiguousarray(arr))
+        return torch.from_numpy(np.array(arr, copy=True))  # a writable copy: torch refuses read-only arrays
 
     def correct(self, requests: Sequence[CorrectionRequest]) -> list[GenerationResult]:
         import torch
