@@ -18,7 +18,7 @@ GENREF_COMMAND_MODULES = ("reflectionflow.data.build",)
 def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser(
         "genref",
-        help="GenRef triplet shards (webdataset): inspect them",
+        help="GenRef triplet shards (webdataset): build and inspect them",
         description="GenRef-wds shards hold (bad image, good image, prompt, reflection, subset) triplets.",
     )
     gsub = g.add_subparsers(dest="genref_command", metavar="WHAT", required=True)
