@@ -17,6 +17,7 @@ from . import __version__
 # Modules that add sub-commands; a module that is not part of this installation is skipped.
 COMMAND_MODULES = (
     "reflectionflow.engine.cli",
+    "reflectionflow.engine.sweep_cli",
     "reflectionflow.world.cli",
     "reflectionflow.train.cli",
     "reflectionflow.data.cli",

@@ -68,19 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="reflection: keep the original prompt (no prompt refinement)")
     s.add_argument("--neighbors", type=int, default=None, help="zero-order: neighbours per round (default 4)")
     s.add_argument("--threshold", type=float, default=None, help="zero-order: cosine to the pivot (default 0.95)")
-    c = g.add_argument_group("components")
-    from .backends import BACKENDS
-
-    c.add_argument("--backend", default=None, help=f"{' | '.join(BACKENDS)} (default world)")
-    for kind in ("generator", "verifier", "reflector", "refiner", "corrector"):
-        c.add_argument(f"--{kind}", default=None, metavar="NAME", help=f"{kind} by registry name (backend default)")
-    owned: dict[str, list[tuple[str, str]]] = {}  # backend -> its flags' (dest, option string)
-    for backend in BACKENDS.values():
-        if backend.add_arguments is not None:
-            before = len(g._actions)
-            backend.add_arguments(g)
-            owned[backend.name] = [(a.dest, a.option_strings[0]) for a in g._actions[before:] if a.option_strings]
-    g.set_defaults(backend_flags=owned)
+    add_component_arguments(g)
     x = g.add_argument_group("execution")
     x.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
     x.add_argument("--batch-size", type=int, default=None, help="requests per component call (default 64)")
@@ -97,6 +85,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("dir", help="a run folder written by `reflectionflow generate`")
     r.add_argument("--no-evaluate", action="store_true", help="no evaluator column in the best-of-k table")
     r.set_defaults(func=cmd_report)
+
+
+def add_component_arguments(g: argparse.ArgumentParser, verifier: bool = True) -> None:
+    """--backend, the components by name and every backend's own flags (`generate`, `sweep`)."""
+    c = g.add_argument_group("components")
+    from .backends import BACKENDS
+
+    c.add_argument("--backend", default=None, help=f"{' | '.join(BACKENDS)} (default world)")
+    for kind in ("generator", "verifier", "reflector", "refiner", "corrector"):
+        if kind != "verifier" or verifier:
+            c.add_argument(f"--{kind}", default=None, metavar="NAME", help=f"{kind} by registry name (backend default)")
+    owned: dict[str, list[tuple[str, str]]] = {}  # backend -> its flags' (dest, option string)
+    for backend in BACKENDS.values():
+        if backend.add_arguments is not None:
+            before = len(g._actions)
+            backend.add_arguments(g)
+            owned[backend.name] = [(a.dest, a.option_strings[0]) for a in g._actions[before:] if a.option_strings]
+    g.set_defaults(backend_flags=owned)
 
 
 def _one_line_errors(parser: argparse.ArgumentParser, name: str) -> None:

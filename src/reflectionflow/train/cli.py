@@ -23,7 +23,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-TRAIN_COMMAND_MODULES: tuple[str, ...] = ()  # e.g. "reflectionflow.train.verifier" once it exists
+TRAIN_COMMAND_MODULES: tuple[str, ...] = ("reflectionflow.train.verifier_cli",)
 
 
 def _mapping(text: str) -> dict:

@@ -43,4 +43,5 @@ register("reflector", "world-oracle", "edit commands from the detector versus th
 register("refiner", "world-rule", "restates a world prompt explicitly, stressing what the reflection fixes")(
     _plain(RuleRefiner, "refiner world-rule"))
 
-from . import mmdit  # noqa: E402,F401  (registers generator world-mmdit, correctors world-mmdit and world-mmdit-kv)
+# Registering: generator world-mmdit, correctors world-mmdit and world-mmdit-kv; verifier world-learned.
+from . import learned, mmdit  # noqa: E402,F401

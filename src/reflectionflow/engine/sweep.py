@@ -1,0 +1,253 @@
+"""`reflectionflow sweep`: methods x budgets x verifiers on one prompt set, as the paper's table.
+
+One run per (method, verifier), at the largest budget, into OUT/runs/<method>-<verifier>/ (a full
+`generate` run folder: resumable, distributed as `generate` is). Each budget k = 1, 2, 4, ... B is
+then read from that run's trace as posthoc.py does: each prompt's verifier pick among its first k
+images in generation order, judged by the exact GenEval-Shapes evaluator (never the verifier's score).
+
+For noise this is best-of-k exactly. For prompt and reflection the first k images of a budget-B run
+are not a run at budget k (the reflection pool and the chains' split depend on B): the curve says
+where a budget-B run's images paid off, and only its last point (k = B) is that method at budget B.
+An equal-budget comparison at a smaller budget runs the sweep again with that --budget.
+
+Intervals: a percentile bootstrap over prompts (resampled within each category, since GenEval's
+overall is the mean of the category accuracies) of the same picks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ConfigError, RunConfig
+from ..runs import RunFolder
+from .candidates import Candidate, best
+from .distributed import DistContext
+from .posthoc import _evaluator, _metadata, powers_up_to
+
+RESAMPLES = 1000
+COLUMNS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+HEADERS = ("Single", "Two", "Counting", "Colors", "Position", "Attr. binding")
+
+
+@dataclass
+class SweepPoint:
+    method: str
+    verifier: str
+    k: int  # samples per prompt
+    prompts: int
+    overall: float
+    overall_ci: tuple[float, float]
+    categories: dict[str, float] = field(default_factory=dict)
+    categories_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def run_name(method: str, verifier: str) -> str:
+    return f"{method}-{verifier}"
+
+
+def check_sweep(methods: list[str], verifiers: list[str], budget: int) -> None:
+    """Bad input before anything loads (ConfigError: one line, exit 2 at the CLI)."""
+    from ..engine.runner import METHODS
+
+    if not methods:
+        raise ConfigError("--methods: give at least one method")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ConfigError(f"--methods: unknown method(s) {', '.join(bad)}; accepted: {', '.join(METHODS)}")
+    if not verifiers or any(not v for v in verifiers):
+        raise ConfigError("--verifiers: give at least one verifier name")
+    if len(set(methods)) != len(methods) or len(set(verifiers)) != len(verifiers):
+        raise ConfigError("--methods / --verifiers: a name is repeated")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ConfigError(f"--budget must be an integer >= 1, got {budget!r}")
+
+
+def run_config(base: RunConfig, method: str, verifier: str, budget: int) -> RunConfig:
+    """The config of one (method, verifier) run: the split flags only for the methods that have one."""
+    keep = method in ("prompt", "reflection")
+    return replace(base, method=method, verifier=verifier, budget=budget,
+                   chains=base.chains if keep else None, depth=base.depth if keep else None,
+                   pool=base.pool if method == "reflection" else None)
+
+
+def sweep(base: RunConfig, methods: list[str], verifiers: list[str], budget: int, out: str | Path,
+          prompt: str | None = None, prompts: str | None = None, resume: bool = False,
+          progress: bool = False, secrets=None, dist: DistContext | None = None) -> dict | None:
+    """Run every (method, verifier), then (rank 0) write sweep.json, sweep.md and sweep.png.
+
+    Every process calls this with the same arguments; `generate` shares each run's prompts among
+    them and waits for all before it returns, so rank 0 reads finished folders. Other ranks get None.
+    """
+    from . import generate, prepare
+
+    dist = dist or DistContext()
+    check_sweep(methods, verifiers, budget)
+    out = Path(out)
+    configs = {(m, v): run_config(base, m, v, budget) for m in methods for v in verifiers}
+    # Check every run before the first one spends anything (a bad --chains for one method, a folder
+    # from another sweep without --resume).
+    for (m, v), cfg in configs.items():
+        prepare(cfg, out / "runs" / run_name(m, v), prompt, prompts, resume, secrets=secrets)
+    _check_verifiers(base, verifiers)
+    for (m, v), cfg in configs.items():
+        generate(cfg, out / "runs" / run_name(m, v), prompt=prompt, prompts=prompts, resume=resume,
+                 progress=progress, report=False, secrets=secrets, dist=dist)
+    result = None
+    if dist.is_main:
+        points = [p for (m, v) in configs for p in curve(out / "runs" / run_name(m, v), m, v, budget, base.seed)]
+        result = write_sweep(out, points, {run_name(m, v): cfg.to_dict() for (m, v), cfg in configs.items()})
+    dist.barrier()  # nobody leaves before sweep.json exists
+    return result
+
+
+def _check_verifiers(base: RunConfig, verifiers: list[str]) -> None:
+    """Build each verifier once now: a backend without its own checks (world) finds missing weights
+    only when a component is built, which would be after the earlier runs of the sweep had spent
+    their budget. World verifiers load in milliseconds; a backend with checks was checked by prepare."""
+    from ..components import build
+    from .backends import get_backend
+
+    if get_backend(base.backend).check is not None:
+        return
+    for v in verifiers:
+        build("verifier", v, **(base.options.get("verifier") or {}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Best-of-k from the trace, with per-prompt verdicts for the bootstrap
+
+
+def pick_verdicts(root: str | Path, ks: list[int]) -> dict[int, list[tuple[str, bool]]]:
+    """k -> [(category tag, exact evaluator's verdict on the verifier's pick among the first k)]."""
+    folder = RunFolder(Path(root))
+    traces = {i: sorted((Candidate.from_record(r) for r in folder.load_trace(i)), key=lambda c: c.order)
+              for i in folder.prompt_indices()}
+    traces = {i: t for i, t in traces.items() if t}
+    metas = {i: _metadata(folder, i) for i in traces}
+    judge = _evaluator(metas)
+    if judge is None:
+        raise ConfigError(f"{root}: sweep needs Shapes-world prompts (GenEval-Shapes metadata); the exact "
+                          f"evaluator cannot judge these")
+    cache: dict[tuple[int, str], bool] = {}
+    out = {}
+    for k in ks:
+        rows = []
+        for i, t in traces.items():
+            c = best(t[:k])
+            if (i, c.file) not in cache:
+                cache[(i, c.file)] = judge(folder.prompt_dir(i) / c.file, metas[i])
+            rows.append((metas[i].get("tag", "untagged"), cache[(i, c.file)]))
+        out[k] = rows
+    return out
+
+
+def category_means(rows: list[tuple[str, bool]]) -> dict[str, float]:
+    per: dict[str, list[bool]] = {}
+    for tag, ok in rows:
+        per.setdefault(tag, []).append(ok)
+    return {t: float(np.mean(v)) for t, v in per.items()}
+
+
+def bootstrap(rows: list[tuple[str, bool]], seed: int, resamples: int = RESAMPLES):
+    """(overall, its 95% interval, per-category {tag: (lo, hi)}). Resampled within each category so
+    every resample has the categories of the point estimate; an interval is widened to hold the
+    point estimate when a tiny, skewed sample's percentiles miss it."""
+    cats = category_means(rows)
+    by = {t: np.array([ok for tag, ok in rows if tag == t], dtype=float) for t in cats}
+    rng = np.random.default_rng(seed)
+    draws = {t: rng.choice(v, size=(resamples, len(v)), replace=True).mean(axis=1) for t, v in by.items()}
+    overall = float(np.mean(list(cats.values())))
+    total = np.mean(np.stack(list(draws.values())), axis=0)  # (resamples,)
+
+    def ci(x: np.ndarray, point: float) -> tuple[float, float]:
+        lo, hi = np.percentile(x, [2.5, 97.5])
+        return float(min(lo, point)), float(max(hi, point))
+
+    return overall, ci(total, overall), {t: ci(draws[t], cats[t]) for t in cats}
+
+
+def curve(root: Path, method: str, verifier: str, budget: int, seed: int = 0) -> list[SweepPoint]:
+    ks = powers_up_to(budget)
+    points = []
+    for k, rows in pick_verdicts(root, ks).items():
+        overall, oci, cci = bootstrap(rows, seed)
+        points.append(SweepPoint(method=method, verifier=verifier, k=k, prompts=len(rows), overall=overall,
+                                 overall_ci=oci, categories=category_means(rows), categories_ci=cci))
+    return points
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+
+def format_markdown(points: list[SweepPoint]) -> str:
+    """The paper's table: method, verifier, samples, overall and the six categories (95% intervals)."""
+    head = ["Method", "Verifier", "Samples", "Overall", *HEADERS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in points:
+        cells = [p.method, p.verifier, str(p.k), _pct(p.overall, p.overall_ci)]
+        cells += [_pct(p.categories[t], p.categories_ci[t]) if t in p.categories else "-" for t in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = ("\nAccuracy (%) of the exact GenEval-Shapes evaluator on the verifier's pick among each prompt's "
+            "first k images of one budget-B run (best-of-k from the trace; for prompt and reflection only "
+            "k = B is that method at budget B). Brackets: bootstrap 95% interval over prompts.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def _pct(x: float, ci: tuple[float, float]) -> str:
+    return f"{100 * x:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def write_plot(points: list[SweepPoint], path: Path) -> Path:
+    """Overall accuracy vs samples (log2 axis), one line per (method, verifier), with interval bars.
+    PIL only: matplotlib is not a dependency."""
+    from PIL import Image, ImageDraw
+
+    W, H, L, R, T, B = 640, 400, 60, 170, 20, 40
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    ks = sorted({p.k for p in points}) or [1]
+    lk = [np.log2(k) for k in ks]
+    span = max(lk[-1] - lk[0], 1.0)
+
+    def xy(k: int, y: float) -> tuple[float, float]:
+        return (L + (np.log2(k) - lk[0]) / span * (W - L - R), T + (1 - y) * (H - T - B))
+
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for y in (0.0, 0.25, 0.5, 0.75, 1.0):
+        d.text((8, xy(ks[0], y)[1] - 5), f"{100 * y:.0f}%", fill="black")
+    for k in ks:
+        d.text((xy(k, 0)[0] - 4, H - B + 6), str(k), fill="black")
+    d.text(((W - R) / 2, H - 16), "samples", fill="black")
+    colors = ("#1f6feb", "#d1242f", "#1a7f37", "#8250df", "#bf8700", "#0a7d8c", "#cf222e", "#57606a")
+    series: dict[tuple[str, str], list[SweepPoint]] = {}
+    for p in points:
+        series.setdefault((p.method, p.verifier), []).append(p)
+    for n, ((m, v), ps) in enumerate(series.items()):
+        col = colors[n % len(colors)]
+        ps = sorted(ps, key=lambda p: p.k)
+        d.line([xy(p.k, p.overall) for p in ps], fill=col, width=2)
+        for p in ps:
+            x, _ = xy(p.k, 0)
+            d.line([xy(p.k, p.overall_ci[0]), xy(p.k, p.overall_ci[1])], fill=col, width=1)
+            y = xy(p.k, p.overall)[1]
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
+        d.text((W - R + 10, T + 16 * n), f"{m} / {v}", fill=col)
+    im.save(path)
+    return path
+
+
+def write_sweep(out: Path, points: list[SweepPoint], configs: dict[str, dict]) -> dict:
+    data = {"points": [asdict(p) for p in points], "runs": configs,
+            "note": "best-of-k from one run per (method, verifier); accuracy by the exact evaluator"}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "sweep.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    tmp.replace(out / "sweep.json")
+    (out / "sweep.md").write_text(format_markdown(points), encoding="utf-8")
+    write_plot(points, out / "sweep.png")
+    return data

@@ -1,0 +1,242 @@
+"""`reflectionflow train world-verifier`: the learned yes/no verifier, labelled by the exact evaluator.
+
+Data, made on the fly: a prompt from the world's whole prompt space (by category weights), its
+ground-truth scene from a seed in [2**40, 2**62) (never a benchmark or engine seed), and with
+chance `p_flaw` one planted flaw (world.flaws: missing, extra, colour, class, relation); with a
+generator folder, a share `generator_share` of every batch comes instead from a pool of that
+generator's own samples (made once, OUT/pool.npz). Every label is the exact GenEval-Shapes
+evaluator's verdict on the rendered pixels, so a planted flaw that happens not to matter (an extra
+object of an unnamed class) is labelled yes, as the evaluator says.
+
+Batch `s` is a function of (seed, s) and the pool, so a resumed run sees exactly the batches the
+interrupted one would have. Run folder as train/loop.py's: train_config.json, log.jsonl,
+checkpoint/ (exact resume), and OUT/verifier (the shippable weights, with every checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..models.verifier import SIZES, WorldVerifier
+from ..world import spec
+from ..world.evaluate import evaluate_image
+from ..world.flaws import FLAW_KINDS, plant_flaw
+from ..world.render import render, sample_scene
+from .loop import EMA, TrainConfig, _trim_log, load_checkpoint, lr_at, resolve_device, save_checkpoint
+from .world import DEFAULT_TAG_WEIGHTS, TRAIN_SEED_FLOOR, generate_images, load_prompt_file, spread
+
+TRAIN_HINT = "reflectionflow train world-verifier --out RUN (weights in RUN/verifier)"
+
+
+@dataclass
+class WorldVerifierConfig(TrainConfig):
+    out_dir: str = "runs/world-verifier"
+    model_size: str = "small"
+    batch_size: int = 256
+    max_steps: int = 6_000
+    lr: float = 3e-4
+    warmup_steps: int = 300
+    weight_decay: float = 0.05
+    p_flaw: float = 0.6  # share of renderer scenes given one planted flaw
+    tag_weights: dict = field(default_factory=lambda: dict(DEFAULT_TAG_WEIGHTS))  # categories of the data
+    generator: str | None = None  # a generator folder: mix in its own judged samples
+    generator_share: float = 0.5
+    pool_size: int = 8192  # generator samples in the pool
+    val_size: int = 1024  # held-out renders (validation prompts, small seeds) scored at each log
+    ckpt_every: int = 500
+    log_every: int = 100
+
+    def validate(self) -> WorldVerifierConfig:
+        super().validate()
+        if self.model_size not in SIZES:
+            raise ValueError(f"model_size {self.model_size!r}; accepted: {', '.join(SIZES)}")
+        for name in ("p_flaw", "generator_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.generator is not None and not (Path(self.generator) / "model.safetensors").is_file():
+            raise ValueError(f"--generator {self.generator}: no generator weights (model.safetensors missing)")
+        bad = sorted(set(self.tag_weights) - set(spec.TAGS))
+        if bad or any(w < 0 for w in self.tag_weights.values()) or sum(self.tag_weights.values()) <= 0:
+            raise ValueError(f"tag_weights: categories of {', '.join(spec.TAGS)} with weights >= 0 and a "
+                             f"positive sum, got {self.tag_weights}")
+        if self.pool_size < 1 or self.val_size < 0:
+            raise ValueError("pool_size must be >= 1 and val_size >= 0")
+        return self
+
+
+def flawed_render(meta: dict, seed: int, p_flaw: float) -> np.ndarray:
+    """A scene for the prompt with, by chance p_flaw, one planted flaw; (64, 64, 3) uint8."""
+    rng = random.Random(seed)
+    scene = sample_scene(meta, rng)
+    if rng.random() < p_flaw:
+        kinds = list(FLAW_KINDS)
+        rng.shuffle(kinds)
+        for kind in kinds:  # the first kind that applies to this scene
+            flawed = plant_flaw(meta, scene, kind, rng)
+            if flawed is not None:
+                scene = flawed
+                break
+    return render(scene)
+
+
+def labelled_renders(metas: list[dict], seeds: list[int], p_flaw: float) -> tuple[np.ndarray, np.ndarray]:
+    images = np.stack([flawed_render(m, s, p_flaw) for m, s in zip(metas, seeds)])  # (B, 64, 64, 3)
+    labels = np.array([evaluate_image(img, m).correct for img, m in zip(images, metas)], dtype=np.float32)
+    return images, labels
+
+
+class VerifierData(IterableDataset):
+    """Batch `step` -> (images uint8 (B, H, W, 3), prompts, labels (B,) in {0, 1}); iterated from
+    `start_step`, worker w of n making steps start+w, start+w+n, ... (rendering and judging on the
+    CPU is the cost, so DataLoader workers make the batches)."""
+
+    def __init__(self, cfg: WorldVerifierConfig, pool: dict | None, start_step: int = 0):
+        self.cfg, self.pool, self.start_step = cfg, pool, start_step
+        w = np.array([cfg.tag_weights.get(t, 0.0) for t in spec.TAGS], dtype=np.float64)
+        self.p = w / w.sum()
+        self.pools = [spec._all_combinations(t) for t in spec.TAGS]
+
+    def batch_at(self, step: int):
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, step])
+        n_gen = int(round(cfg.batch_size * cfg.generator_share)) if self.pool is not None else 0
+        tags = rng.choice(len(spec.TAGS), size=cfg.batch_size - n_gen, p=self.p)
+        metas = [self.pools[t][rng.integers(len(self.pools[t]))] for t in tags]
+        seeds = rng.integers(TRAIN_SEED_FLOOR, 2**62, size=len(metas)).tolist()
+        images, labels = labelled_renders(metas, seeds, cfg.p_flaw)
+        prompts = [m["prompt"] for m in metas]
+        if n_gen:
+            idx = rng.integers(len(self.pool["labels"]), size=n_gen)
+            images = np.concatenate([images, self.pool["images"][idx]])
+            labels = np.concatenate([labels, self.pool["labels"][idx]])
+            prompts += [self.pool["prompts"][i] for i in idx]
+        return torch.from_numpy(images), prompts, torch.from_numpy(labels)
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start_step + wid
+        while True:
+            yield self.batch_at(step)
+            step += n
+
+
+def build_pool(cfg: WorldVerifierConfig, dev: torch.device) -> dict:
+    """The generator's samples on prompts drawn from the whole prompt space, judged once (OUT/pool.npz)."""
+    from ..backends.world.mmdit import load_generator
+
+    path = Path(cfg.out_dir) / "pool.npz"
+    if path.is_file():
+        z = np.load(path)
+        return {"images": z["images"], "labels": z["labels"], "prompts": [str(p) for p in z["prompts"]]}
+    rng = np.random.default_rng([cfg.seed, 2**31])
+    every = [m for t in spec.TAGS for m in spec._all_combinations(t)]
+    metas = [every[i] for i in rng.integers(len(every), size=cfg.pool_size)]
+    seeds = rng.integers(TRAIN_SEED_FLOOR, 2**62, size=cfg.pool_size).tolist()
+    model = load_generator(cfg.generator, device=dev)
+    images, _ = generate_images(model, [m["prompt"] for m in metas], seeds)
+    labels = np.array([evaluate_image(img, m).correct for img, m in zip(images, metas)], dtype=np.float32)
+    prompts = np.array([m["prompt"] for m in metas])
+    np.savez_compressed(path, images=images, labels=labels, prompts=prompts)
+    return {"images": images, "labels": labels, "prompts": list(map(str, prompts))}
+
+
+def validation_set(cfg: WorldVerifierConfig) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Held-out renders: validation prompts of the trained categories and small seeds (training
+    seeds are >= 2**40)."""
+    metas = [m for m in load_prompt_file("geneval_shapes_val.jsonl") if cfg.tag_weights.get(m["tag"], 0) > 0]
+    metas = spread(metas, cfg.val_size)
+    metas = (metas * (cfg.val_size // max(len(metas), 1) + 1))[: cfg.val_size]
+    images, labels = labelled_renders(metas, list(range(len(metas))), cfg.p_flaw)
+    return torch.from_numpy(images), [m["prompt"] for m in metas], torch.from_numpy(labels)
+
+
+@torch.no_grad()
+def accuracy(model: WorldVerifier, images, prompts, labels, batch: int = 512) -> float:
+    model.eval()
+    p = torch.cat([model.p_yes(images[i : i + batch], prompts[i : i + batch]) for i in range(0, len(prompts), batch)])
+    return float(((p > 0.5).float() == labels).float().mean())
+
+
+@dataclass
+class VerifierTrainResult:
+    step: int
+    minutes: float
+    last_loss: float
+    val_accuracy: float | None
+    ema: WorldVerifier
+
+
+def train_world_verifier(cfg: WorldVerifierConfig) -> VerifierTrainResult:
+    from tqdm import tqdm
+
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    if (out / "checkpoint").exists() and not cfg.resume:
+        raise ValueError(f"{out} already holds a checkpoint; pass resume=True to continue it or pick another out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    dev = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = WorldVerifier(SIZES[cfg.model_size]()).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    ema = EMA(model, cfg.ema_decay)
+    step = load_checkpoint(out, model, ema, opt) if cfg.resume and (out / "checkpoint").exists() else 0
+    _trim_log(out / "log.jsonl", step)
+    data = VerifierData(cfg, build_pool(cfg, dev) if cfg.generator else None, start_step=step)
+    batches = iter(DataLoader(data, batch_size=None, num_workers=cfg.num_workers,
+                              prefetch_factor=4 if cfg.num_workers else None))
+    fwd = torch.compile(model) if cfg.compile else model
+    val = validation_set(cfg) if cfg.val_size else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train verifier", unit="step", disable=not cfg.progress)
+    t0, acc_loss, acc_right, acc_n, last_loss, val_acc = time.perf_counter(), 0.0, 0.0, 0, float("nan"), None
+    while step < cfg.max_steps and (cfg.max_minutes is None or (time.perf_counter() - t0) / 60 < cfg.max_minutes):
+        images, prompts, labels = next(batches)
+        labels = labels.to(dev)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        with autocast:
+            logits = fwd(images.to(dev), model.tokenizer(prompts).to(dev))  # (B,)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(step)
+        step += 1
+        bar.update(1)
+        acc_loss += loss.item()
+        acc_right += float(((logits.detach() > 0).float() == labels).float().mean())
+        acc_n += 1
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            last_loss = acc_loss / acc_n
+            row = {"step": step, "loss": round(last_loss, 5), "train_accuracy": round(acc_right / acc_n, 4),
+                   "lr": lr_at(step - 1, cfg), "yes_share": round(float(labels.mean()), 3),
+                   "train_minutes": round((time.perf_counter() - t0) / 60, 3)}
+            if val is not None:
+                val_acc = row["val_accuracy"] = round(accuracy(ema.model, *val), 4)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{last_loss:.4f}", val=f"{val_acc}")
+            acc_loss, acc_right, acc_n = 0.0, 0.0, 0
+            model.train()
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            save_checkpoint(out, model, ema, opt, step, cfg)
+            ema.model.save_pretrained(out / "verifier")
+    bar.close()
+    if step % cfg.ckpt_every and step != cfg.max_steps:  # stopped by the clock: keep what was done
+        save_checkpoint(out, model, ema, opt, step, cfg)
+        ema.model.save_pretrained(out / "verifier")
+    return VerifierTrainResult(step=step, minutes=(time.perf_counter() - t0) / 60, last_loss=last_loss,
+                               val_accuracy=val_acc, ema=ema.model)
