@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 GENERATE_HELP = """\
@@ -151,22 +152,31 @@ def build_config(args):
     return from_dict(data, where=args.config or "flags"), secrets
 
 
+@contextmanager
+def launched():
+    """This process's place in a launch (accelerate launch / torchrun: the launcher's variables say
+    which), connected to its peers and bound to its GPU; a single process outside any launcher."""
+    from .distributed import DistContext, launch_note
+
+    note = launch_note(os.environ)
+    if note:
+        print(f"reflectionflow: warning: {note}", file=sys.stderr)
+    with DistContext.from_environ(os.environ).connected() as dist:
+        dist.bind_device()
+        yield dist
+
+
 def cmd_generate(args) -> int:
     from ..engine import generate
-    from .distributed import DistContext, DistributedError, launch_note
+    from .distributed import DistributedError
 
     config, secrets = build_config(args)
     out = args.out or f"runs/{config.method}-b{config.budget}-s{config.seed}"
     # One of several processes (accelerate launch / torchrun): the launcher's variables say which.
     try:
-        dist = DistContext.from_environ(os.environ)
-        note = launch_note(os.environ)
-        if note:
-            print(f"reflectionflow: warning: {note}", file=sys.stderr)
         # `generate` checks everything (config, prompts, the backend's folders and endpoint, the run
         # folder) before it builds a component: bad input never costs a model load.
-        with dist.connected() as dist:
-            dist.bind_device()
+        with launched() as dist:
             result = generate(config, out, prompt=args.prompt, prompts=args.prompts, resume=args.resume,
                               progress=config.progress, report=not args.no_report, secrets=secrets, dist=dist)
     except DistributedError as e:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import replace
 
-from .cli import _one_line_errors, add_component_arguments, build_config
+from .cli import _one_line_errors, add_component_arguments, build_config, launched
 
 SWEEP_HELP = """\
 Run every method x verifier on a prompt set at --budget images per prompt (one run each, in
@@ -63,7 +62,7 @@ def _names(value: str | None) -> list[str]:
 
 def cmd_sweep(args) -> int:
     from ..config import ConfigError
-    from .distributed import DistContext, DistributedError, launch_note
+    from .distributed import DistributedError
     from .sweep import check_sweep, sweep
 
     methods = _names(args.methods)
@@ -79,12 +78,7 @@ def cmd_sweep(args) -> int:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     out = args.out or f"runs/sweep-b{args.budget}-s{base.seed}"
     try:
-        dist = DistContext.from_environ(os.environ)
-        note = launch_note(os.environ)
-        if note:
-            print(f"reflectionflow: warning: {note}", file=sys.stderr)
-        with dist.connected() as dist:
-            dist.bind_device()
+        with launched() as dist:
             result = sweep(base, methods, verifiers, args.budget, out, prompts=args.prompts, resume=args.resume,
                            progress=base.progress, secrets=secrets, dist=dist)
     except DistributedError as e:

@@ -10,10 +10,7 @@ Validation: the share of held-out renders whose decoded commands equal the oracl
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +21,8 @@ from ..models.reflector import SIZES, WorldReflector
 from ..world import spec
 from ..world.commands import format_reflection, parse_reflection
 from ..world.detect import detect
-from .loop import EMA, TrainConfig, _trim_log, load_checkpoint, lr_at, resolve_device, save_checkpoint
+from .judges import run_judge_loop, start_judge_run
+from .loop import TrainConfig
 from .verifier import flawed_render
 from .world import DEFAULT_TAG_WEIGHTS, TRAIN_SEED_FLOOR, load_prompt_file, spread
 
@@ -107,65 +105,25 @@ class ReflectorTrainResult:
 
 
 def train_world_reflector(cfg: WorldReflectorConfig) -> ReflectorTrainResult:
-    from tqdm import tqdm
-
-    cfg.validate()
-    out = Path(cfg.out_dir)
-    if (out / "checkpoint").exists() and not cfg.resume:
-        raise ValueError(f"{out} already holds a checkpoint; pass resume=True to continue it or pick another out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    dev = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = WorldReflector(SIZES[cfg.model_size]()).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    ema = EMA(model, cfg.ema_decay)
-    step = load_checkpoint(out, model, ema, opt) if cfg.resume and (out / "checkpoint").exists() else 0
-    _trim_log(out / "log.jsonl", step)
-    batches = iter(DataLoader(ReflectorData(cfg, step), batch_size=None, num_workers=cfg.num_workers,
+    run = start_judge_run(cfg, lambda: WorldReflector(SIZES[cfg.model_size]()))
+    model, dev = run.model, run.device
+    batches = iter(DataLoader(ReflectorData(cfg, run.step), batch_size=None, num_workers=cfg.num_workers,
                               prefetch_factor=4 if cfg.num_workers else None))
-    val = None
+    validate = None
     if cfg.val_size:
         metas = [m for m in load_prompt_file("geneval_shapes_val.jsonl") if cfg.tag_weights.get(m["tag"], 0) > 0]
         metas = spread(metas, cfg.val_size)
         images, targets = oracle_examples(metas, list(range(len(metas))), cfg.p_flaw)  # small seeds: held out
         val = (torch.from_numpy(images), [m["prompt"] for m in metas], targets)
+        validate = lambda m: {"val_exact_match": exact_match(m, *val)}  # noqa: E731
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train reflector", unit="step", disable=not cfg.progress)
-    t0, acc_loss, acc_n, last_loss, val_exact = time.perf_counter(), 0.0, 0, float("nan"), None
-    while step < cfg.max_steps and (cfg.max_minutes is None or (time.perf_counter() - t0) / 60 < cfg.max_minutes):
-        images, prompts, targets = next(batches)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+
+    def batch_loss(batch):
+        images, prompts, targets = batch
         with autocast:
             loss = model.loss(images.to(dev), model.tokenizer(prompts).to(dev), model.out_tokenizer(targets).to(dev))
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(step)
-        step += 1
-        bar.update(1)
-        acc_loss += loss.item()
-        acc_n += 1
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            last_loss = acc_loss / acc_n
-            row = {"step": step, "loss": round(last_loss, 5), "lr": lr_at(step - 1, cfg),
-                   "train_minutes": round((time.perf_counter() - t0) / 60, 3)}
-            if val is not None:
-                val_exact = row["val_exact_match"] = round(exact_match(ema.model, *val), 4)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{last_loss:.4f}", exact=f"{val_exact}")
-            acc_loss, acc_n = 0.0, 0
-            model.train()
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            save_checkpoint(out, model, ema, opt, step, cfg)
-            ema.model.save_pretrained(out / "reflector")
-    bar.close()
-    if step % cfg.ckpt_every and step != cfg.max_steps:  # stopped by the clock: keep what was done
-        save_checkpoint(out, model, ema, opt, step, cfg)
-        ema.model.save_pretrained(out / "reflector")
-    return ReflectorTrainResult(step=step, minutes=(time.perf_counter() - t0) / 60, last_loss=last_loss,
-                                val_exact=val_exact, ema=ema.model)
+        return loss, {}
+
+    res = run_judge_loop(cfg, run, "reflector", batches, batch_loss, validate)
+    return ReflectorTrainResult(step=res.step, minutes=res.minutes, last_loss=res.last_loss,
+                                val_exact=res.val.get("val_exact_match"), ema=run.ema.model)

@@ -15,9 +15,7 @@ checkpoint/ (exact resume), and OUT/verifier (the shippable weights, with every 
 
 from __future__ import annotations
 
-import json
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +29,8 @@ from ..world import spec
 from ..world.evaluate import evaluate_image
 from ..world.flaws import FLAW_KINDS, plant_flaw
 from ..world.render import render, sample_scene
-from .loop import EMA, TrainConfig, _trim_log, load_checkpoint, lr_at, resolve_device, save_checkpoint
+from .judges import run_judge_loop, start_judge_run
+from .loop import TrainConfig
 from .world import DEFAULT_TAG_WEIGHTS, TRAIN_SEED_FLOOR, generate_images, load_prompt_file, spread
 
 TRAIN_HINT = "reflectionflow train world-verifier --out RUN (weights in RUN/verifier)"
@@ -177,66 +176,25 @@ class VerifierTrainResult:
 
 
 def train_world_verifier(cfg: WorldVerifierConfig) -> VerifierTrainResult:
-    from tqdm import tqdm
-
-    cfg.validate()
-    out = Path(cfg.out_dir)
-    if (out / "checkpoint").exists() and not cfg.resume:
-        raise ValueError(f"{out} already holds a checkpoint; pass resume=True to continue it or pick another out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    dev = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = WorldVerifier(SIZES[cfg.model_size]()).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    ema = EMA(model, cfg.ema_decay)
-    step = load_checkpoint(out, model, ema, opt) if cfg.resume and (out / "checkpoint").exists() else 0
-    _trim_log(out / "log.jsonl", step)
-    data = VerifierData(cfg, build_pool(cfg, dev) if cfg.generator else None, start_step=step)
+    run = start_judge_run(cfg, lambda: WorldVerifier(SIZES[cfg.model_size]()))
+    model, dev = run.model, run.device
+    data = VerifierData(cfg, build_pool(cfg, dev) if cfg.generator else None, start_step=run.step)
     batches = iter(DataLoader(data, batch_size=None, num_workers=cfg.num_workers,
                               prefetch_factor=4 if cfg.num_workers else None))
     fwd = torch.compile(model) if cfg.compile else model
     val = validation_set(cfg) if cfg.val_size else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train verifier", unit="step", disable=not cfg.progress)
-    t0, acc_loss, acc_right, acc_n, last_loss, val_acc = time.perf_counter(), 0.0, 0.0, 0, float("nan"), None
-    while step < cfg.max_steps and (cfg.max_minutes is None or (time.perf_counter() - t0) / 60 < cfg.max_minutes):
-        images, prompts, labels = next(batches)
+
+    def batch_loss(batch):
+        images, prompts, labels = batch
         labels = labels.to(dev)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
         with autocast:
             logits = fwd(images.to(dev), model.tokenizer(prompts).to(dev))  # (B,)
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(step)
-        step += 1
-        bar.update(1)
-        acc_loss += loss.item()
-        acc_right += float(((logits.detach() > 0).float() == labels).float().mean())
-        acc_n += 1
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            last_loss = acc_loss / acc_n
-            row = {"step": step, "loss": round(last_loss, 5), "train_accuracy": round(acc_right / acc_n, 4),
-                   "lr": lr_at(step - 1, cfg), "yes_share": round(float(labels.mean()), 3),
-                   "train_minutes": round((time.perf_counter() - t0) / 60, 3)}
-            if val is not None:
-                val_acc = row["val_accuracy"] = round(accuracy(ema.model, *val), 4)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{last_loss:.4f}", val=f"{val_acc}")
-            acc_loss, acc_right, acc_n = 0.0, 0.0, 0
-            model.train()
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            save_checkpoint(out, model, ema, opt, step, cfg)
-            ema.model.save_pretrained(out / "verifier")
-    bar.close()
-    if step % cfg.ckpt_every and step != cfg.max_steps:  # stopped by the clock: keep what was done
-        save_checkpoint(out, model, ema, opt, step, cfg)
-        ema.model.save_pretrained(out / "verifier")
-    return VerifierTrainResult(step=step, minutes=(time.perf_counter() - t0) / 60, last_loss=last_loss,
-                               val_accuracy=val_acc, ema=ema.model)
+        right = float(((logits.detach() > 0).float() == labels).float().mean())
+        return loss, {"train_accuracy": right, "yes_share": float(labels.mean())}
+
+    validate = (lambda m: {"val_accuracy": accuracy(m, *val)}) if val is not None else None
+    res = run_judge_loop(cfg, run, "verifier", batches, batch_loss, validate)
+    return VerifierTrainResult(step=res.step, minutes=res.minutes, last_loss=res.last_loss,
+                               val_accuracy=res.val.get("val_accuracy"), ema=run.ema.model)
