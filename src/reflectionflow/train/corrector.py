@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from ..backends.world.mmdit import (
     DEFAULT_GENERATOR,
@@ -58,7 +58,16 @@ from ..world.evaluate import evaluate_image
 from ..world.flaws import FLAW_KINDS, plant_flaw
 from ..world.render import render, sample_scene
 from .corrector_pool import KEEP, POOL_TAG_WEIGHTS, Pool, PoolSettings, build_pool, default_workers, scene_detections
-from .loop import Batch, TrainConfig, TrainResult, resolve_device, to_model_space, to_uint8, train_flow_model
+from .loop import (
+    Batch,
+    StepBatches,
+    TrainConfig,
+    TrainResult,
+    resolve_device,
+    to_model_space,
+    to_uint8,
+    train_flow_model,
+)
 from .world import DEFAULT_TAG_WEIGHTS, save_grid, spread
 
 SOURCES = ("editing", "rule", "keep", "reward", "length")
@@ -164,7 +173,7 @@ def source_weights(cfg: WorldCorrectorConfig, step: int, available: set[str]) ->
     return p / p.sum()
 
 
-class CorrectorBatches(IterableDataset):
+class CorrectorBatches(StepBatches):
     """Endless batches (target, text, source, condition) from `start_step`; worker w of n makes the
     batches of steps start+w, start+w+n, ... (the DataLoader yields them in order)."""
 
@@ -243,14 +252,6 @@ class CorrectorBatches(IterableDataset):
             texts.append(prompt if drop_reflection[j] else corrector_text(prompt, reflection, self.tok))
         return (torch.from_numpy(np.stack(goods)), self.tok(texts), torch.from_numpy(src.astype(np.int64)),
                 torch.from_numpy(np.stack(bads)))  # (B, 64, 64, 3) uint8, (B, L), (B,), (B, 64, 64, 3)
-
-    def __iter__(self):
-        info = get_worker_info()
-        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        step = self.start_step + wid
-        while True:
-            yield self.batch_at(step)
-            step += n
 
 
 def corrector_batches(cfg: WorldCorrectorConfig, pool: Pool, tokenizer: Tokenizer):

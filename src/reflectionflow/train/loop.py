@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.utils.data import IterableDataset, get_worker_info
 
 from ..models.flow import RectifiedFlow, loss_by_bin
 from ..world.spec import TAGS
@@ -306,3 +307,22 @@ def train_flow_model(cfg: TrainConfig, model: nn.Module, batches: Callable[[int]
         save_checkpoint(out, model, ema, opt, step, cfg)
         export(out, ema.model)
     return TrainResult(step=step, minutes=minutes(), last_loss=last_loss, ema=ema.model)
+
+
+class StepBatches(IterableDataset):
+    """Batches as a pure function of the step: `batch_at(step)`. DataLoader workers take steps
+    start, start + n, ... in turn, so the data order is the same with any number of workers and a
+    resumed run continues exactly where it stopped. Subclasses set `start_step` and `batch_at`."""
+
+    start_step: int = 0
+
+    def batch_at(self, step: int):
+        raise NotImplementedError
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.start_step + wid
+        while True:
+            yield self.batch_at(step)
+            step += n

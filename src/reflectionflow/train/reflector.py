@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from ..backends.world.oracle import reflect_commands
 from ..models.reflector import SIZES, WorldReflector
@@ -22,7 +22,7 @@ from ..world import spec
 from ..world.commands import format_reflection, parse_reflection
 from ..world.detect import detect
 from .judges import run_judge_loop, start_judge_run
-from .loop import TrainConfig
+from .loop import StepBatches, TrainConfig
 from .verifier import flawed_render
 from .world import DEFAULT_TAG_WEIGHTS, TRAIN_SEED_FLOOR, load_prompt_file, spread
 
@@ -60,7 +60,7 @@ def oracle_examples(metas: list[dict], seeds: list[int], p_flaw: float) -> tuple
     return images, [format_reflection(reflect_commands(detect(img), m)) for img, m in zip(images, metas)]
 
 
-class ReflectorData(IterableDataset):
+class ReflectorData(StepBatches):
     """Batches from `start_step` on; worker w of n makes steps start+w, start+w+n, ... (rendering,
     detecting and the oracle's commands run on the CPU, so DataLoader workers make them)."""
 
@@ -68,13 +68,8 @@ class ReflectorData(IterableDataset):
         self.cfg, self.start_step = cfg, start_step
         self.pools = [spec._all_combinations(t) for t in spec.TAGS]
 
-    def __iter__(self):
-        info = get_worker_info()
-        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        step = self.start_step + wid
-        while True:
-            yield batch_at(self.cfg, step, self.pools)
-            step += n
+    def batch_at(self, step: int):
+        return batch_at(self.cfg, step, self.pools)
 
 
 def batch_at(cfg: WorldReflectorConfig, step: int, pools) -> tuple[torch.Tensor, list[str], list[str]]:

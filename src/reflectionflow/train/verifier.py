@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from ..models.verifier import SIZES, WorldVerifier
 from ..world import spec
@@ -30,7 +30,7 @@ from ..world.evaluate import evaluate_image
 from ..world.flaws import FLAW_KINDS, plant_flaw
 from ..world.render import render, sample_scene
 from .judges import run_judge_loop, start_judge_run
-from .loop import TrainConfig
+from .loop import StepBatches, TrainConfig
 from .world import DEFAULT_TAG_WEIGHTS, TRAIN_SEED_FLOOR, generate_images, load_prompt_file, spread
 
 TRAIN_HINT = "reflectionflow train world-verifier --out RUN (weights in RUN/verifier)"
@@ -93,7 +93,7 @@ def labelled_renders(metas: list[dict], seeds: list[int], p_flaw: float) -> tupl
     return images, labels
 
 
-class VerifierData(IterableDataset):
+class VerifierData(StepBatches):
     """Batch `step` -> (images uint8 (B, H, W, 3), prompts, labels (B,) in {0, 1}); iterated from
     `start_step`, worker w of n making steps start+w, start+w+n, ... (rendering and judging on the
     CPU is the cost, so DataLoader workers make the batches)."""
@@ -119,14 +119,6 @@ class VerifierData(IterableDataset):
             labels = np.concatenate([labels, self.pool["labels"][idx]])
             prompts += [self.pool["prompts"][i] for i in idx]
         return torch.from_numpy(images), prompts, torch.from_numpy(labels)
-
-    def __iter__(self):
-        info = get_worker_info()
-        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        step = self.start_step + wid
-        while True:
-            yield self.batch_at(step)
-            step += n
 
 
 def build_pool(cfg: WorldVerifierConfig, dev: torch.device) -> dict:

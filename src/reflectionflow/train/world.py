@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from ..models.flow import RectifiedFlow
 from ..models.mmdit import SIZES, MMDiT, count_parameters
 from ..models.text import Tokenizer
 from ..world import spec
 from ..world.render import render_batch
-from .loop import Batch, TrainConfig, TrainResult, resolve_device, to_uint8, train_flow_model
+from .loop import Batch, StepBatches, TrainConfig, TrainResult, resolve_device, to_uint8, train_flow_model
 
 TRAIN_SEED_FLOOR = 2**40
 # Harder categories get more of the data; every category keeps a share (GenEval weighs them equally).
@@ -56,7 +56,7 @@ class WorldTrainConfig(TrainConfig):
         return self
 
 
-class WorldBatches(IterableDataset):
+class WorldBatches(StepBatches):
     """Endless batches (images, token ids, category ids) starting at `start_step`; worker w of n
     makes the batches of steps start+w, start+w+n, ... (the DataLoader yields them in order)."""
 
@@ -75,14 +75,6 @@ class WorldBatches(IterableDataset):
         images = torch.from_numpy(render_batch(metas, seeds))  # (B, 64, 64, 3) uint8
         text = self.tokenizer([m["prompt"] for m in metas])  # (B, L)
         return images, text, torch.from_numpy(tags)
-
-    def __iter__(self):
-        info = get_worker_info()
-        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        step = self.start_step + wid
-        while True:
-            yield self.batch_at(step)
-            step += n
 
 
 def world_batches(cfg: WorldTrainConfig, tokenizer: Tokenizer):
