@@ -33,7 +33,8 @@ def cli(capsys):
 # a 2-core CPU). Tests run the engine on the renderer-backed stand-ins, which take milliseconds per
 # image; tests marked `trained_world` get the real defaults back. Subprocesses name the stand-ins
 # with STAND_INS on their command line.
-STAND_INS = ("--generator", "world-render", "--corrector", "world-edit")
+STAND_INS = ("--generator", "world-render", "--corrector", "world-edit", "--verifier", "world-oracle",
+             "--reflector", "world-oracle")
 SHIPPED = {}
 
 
@@ -41,10 +42,10 @@ SHIPPED = {}
 def _fast_world_defaults():
     from reflectionflow.backends import world
 
-    SHIPPED.update(generator=world.DEFAULTS["generator"], corrector=world.DEFAULTS["corrector"])
+    SHIPPED.update({kind: world.DEFAULTS[kind] for kind in ("generator", "corrector", "verifier", "reflector")})
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(world.DEFAULTS, "generator", "world-render")
-        mp.setitem(world.DEFAULTS, "corrector", "world-edit")
+        for kind, name in zip(("generator", "corrector", "verifier", "reflector"), STAND_INS[1::2]):
+            mp.setitem(world.DEFAULTS, kind, name)
         yield
 
 

@@ -261,13 +261,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(n: int, tmp_path: Path, *argv) -> list[str]:
+def _launch(n: int, tmp_path: Path, *argv, judges: bool = True) -> list[str]:
+    # judges=False leaves the verifier and reflector to --config (STAND_INS names the oracle ones).
     # On a CPU, `--cpu --num_processes N` starts N processes only through mpirun; accelerate's torchrun
     # launcher (--multi_gpu, no GPU needed) starts them anywhere, and the processes talk over gloo.
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", "reflectionflow", "generate", *STAND_INS,
-            *map(str, argv)]
+            "--main_process_port", str(_free_port()), "-m", "reflectionflow", "generate",
+            *(STAND_INS if judges else STAND_INS[:4]), *map(str, argv)]
 
 
 def _env(tmp_path: Path) -> dict:
@@ -369,7 +370,7 @@ def test_one_judge_server_shared_by_every_process(tmp_path):
         run(ref, prompts, budget=4, **config)
         out = tmp_path / "two"
         res = subprocess.run(_launch(2, tmp_path, "--prompts", prompts, "--config", conf, "--budget", "4", "--out", out,
-                                     "--quiet"), capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+                                     "--quiet", judges=False), capture_output=True, text=True, env=_env(tmp_path), timeout=120)
         assert res.returncode == 0, res.stderr[-3000:]
     finally:
         server.terminate()

@@ -133,13 +133,33 @@ def test_accelerate_launch_two_processes(tmp_path):
     assert len(_points(out)) == 2 and (out / "sweep.md").is_file()
 
 
-def test_a_verifier_without_weights_stops_the_sweep_before_any_run(tmp_path, cli):
-    from reflectionflow.backends.world.learned import DEFAULT_VERIFIER
+def test_a_verifier_without_weights_stops_the_sweep_before_any_run(tmp_path, cli, monkeypatch):
+    from reflectionflow.backends.world import learned
 
-    if (DEFAULT_VERIFIER / "model.safetensors").is_file():
-        pytest.skip("weights/world-verifier is shipped")
+    monkeypatch.setattr(learned, "DEFAULT_VERIFIER", tmp_path / "no-weights")
     prompts = subset_file(tmp_path, 1)
     code, _, err = cli("sweep", "--prompts", prompts, "--budget", 2, "--methods", "noise", "--verifiers",
                        "world-oracle,world-learned", "--out", tmp_path / "s", "--quiet")
     assert code == 2 and "train world-verifier" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s" / "runs").exists()
+
+
+def test_noise_is_made_once_and_rescored_as_a_run_with_that_verifier_would_pick(tmp_path, cli):
+    from reflectionflow.engine.sweep import curve
+
+    prompts = subset_file(tmp_path, 1)
+    out = tmp_path / "s"
+    code, _, err = cli("sweep", "--prompts", prompts, "--budget", 4, "--methods", "noise", "--verifiers",
+                       "world-oracle,world-learned", "--out", out, "--quiet")
+    assert code == 0, err
+    assert (out / "runs" / "noise-world-oracle").is_dir() and not (out / "runs" / "noise-world-learned").exists()
+    settings = json.loads((out / "sweep.json").read_text())
+    assert "rescored_from" in json.dumps(settings)
+    # The same noise run made with the learned verifier picks the same images.
+    direct = tmp_path / "direct"
+    code, _, err = cli("generate", "--prompts", prompts, "--budget", 4, "--method", "noise", "--verifier",
+                       "world-learned", "--out", direct, "--quiet")
+    assert code == 0, err
+    got = {p["k"]: p["overall"] for p in json.loads((out / "sweep.json").read_text())["points"]
+           if p["verifier"] == "world-learned"}
+    assert got == {p.k: p.overall for p in curve(direct, "noise", "world-learned", 4)}

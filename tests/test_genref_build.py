@@ -18,6 +18,7 @@ def build(cli, out, *extra, n=N):
 
 
 def files(folder):
+    """Every file of a build folder and its bytes (build.json, shards, CoT parts, the merged CoT)."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
@@ -65,7 +66,10 @@ def test_resume_writes_the_same_bytes(cli, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--backend", "flux"], "--backend 'flux': genref build knows world"),
+    (["--backend", "sdxl"], "--backend 'sdxl': genref build knows world, flux"),
+    (["--backend", "flux"], "--no-generator: world-backend flag(s), but the backend is flux"),
+    (["--flux-path", "x", "--verifier", "vlm-yesno"], "--flux-path, --verifier: flag(s) of --backend flux, but the "
+                                                      "backend is world"),
     (["--n", "0"], "--n must be >= 1"),
     (["--mix", "rule=1,vibes=2"], "--mix must weigh rule, reward, length, editing"),
     (["--samples-per-prompt", "1"], "--samples-per-prompt must be >= 2"),

@@ -145,7 +145,7 @@ def test_cli_serves_until_stopped_and_refuses_bad_flags(cli):
                             stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        assert "world-oracle" in line and "http://127.0.0.1:" in line
+        assert "world-learned" in line and "http://127.0.0.1:" in line
         url = line.split(" at ")[1].split()[0]
         with urllib.request.urlopen(url + "/models", timeout=5) as r:
             assert json.loads(r.read())["data"][0]["id"] == "reflectionflow-world"

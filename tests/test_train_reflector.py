@@ -41,3 +41,39 @@ def test_two_step_smoke_run_and_the_component(tmp_path, cli):
 def test_missing_weights_name_the_train_command(tmp_path):
     with pytest.raises(ComponentError, match="train world-reflector"):
         build("reflector", "world-learned", weights=str(tmp_path / "none"))
+
+
+def test_a_pool_of_generator_failures_and_their_corrections_joins_the_batches(tmp_path, cli):
+    import torch
+
+    from reflectionflow.models.lora import LoRAConfig, apply_lora
+    from reflectionflow.models.mmdit import SIZES, MMDiT
+    from reflectionflow.train.corrector import save_corrector
+    from reflectionflow.train.reflector import WorldReflectorConfig, batch_at
+    from reflectionflow.world import spec
+
+    torch.manual_seed(0)
+    gen, corr = tmp_path / "gen", tmp_path / "corr"
+    MMDiT(SIZES["tiny"]()).save_pretrained(gen)  # an untrained generator: every sample fails
+    save_corrector(corr, apply_lora(MMDiT(SIZES["tiny"]()), LoRAConfig(rank=4)), LoRAConfig(rank=4), gen, {"step": 0})
+    out = tmp_path / "r"
+    code, _, err = cli("train", "world-reflector", "--out", out, "--steps", 2, "--generator", gen, "--corrector", corr,
+                       "--pool-size", 6, "--generator-share", 0.5, *SMOKE)
+    assert code == 0, err
+    pool = np.load(out / "pool.npz")
+    n = len(pool["labels"])
+    assert n > 6 and pool["images"].shape == (n, 64, 64, 3)  # the samples, then their corrections
+    assert len(pool["reflections"]) == n and all(parse_reflection(str(r))[0] for r in pool["reflections"])
+    assert not (out / ".pool.tmp.npz").exists()
+    cfg = WorldReflectorConfig(out_dir=str(out), batch_size=8, generator_share=0.5, generator=str(gen))
+    data = {k: pool[k] for k in ("images", "labels")}
+    data.update(prompts=[str(p) for p in pool["prompts"]], reflections=[str(r) for r in pool["reflections"]],
+                fails=np.nonzero(pool["labels"] < 0.5)[0], passes=np.nonzero(pool["labels"] >= 0.5)[0])
+    pools = [spec._all_combinations(t) for t in spec.TAGS]
+    images, prompts, targets = batch_at(cfg, 3, pools, data)
+    assert images.shape[0] == len(prompts) == len(targets) == 8
+    assert set(targets[4:]) <= set(data["reflections"]) and set(prompts[4:]) <= set(data["prompts"])
+    again = batch_at(cfg, 3, pools, data)  # a function of the step: a resumed run sees the same batch
+    assert again[1] == prompts and again[2] == targets and torch.equal(again[0], images)
+    code, _, err = cli("train", "world-reflector", "--out", tmp_path / "x", "--corrector", corr, *SMOKE)
+    assert code == 2 and "--corrector needs --generator" in err

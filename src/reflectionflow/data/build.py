@@ -1,8 +1,8 @@
-"""`reflectionflow genref build --backend world`: GenRef's four sources, built in the Shapes world.
+"""`reflectionflow genref build`: GenRef's four sources, built in the Shapes world or at FLUX scale.
 
 GenRef (REFERENCE.md section 4) pairs a flawed image with a better one and a reflection that
-says what to change. The world builds all four of its sources, judged by the exact evaluator,
-with reflections from the oracle reflector (backends.world.oracle):
+says what to change. `--backend world` builds all four of its sources, judged by the exact
+evaluator, with reflections from the oracle reflector (backends.world.oracle):
 
 source     subset   bad image                               good image
 rule       rule     a failed generator sample of a prompt   a passed sample of the same prompt
@@ -13,13 +13,22 @@ editing    editing  a correct scene with one planted flaw   the correct scene (b
 
 Samples come from the trained world generator (`world-mmdit`), or, with `--no-generator`, from
 the renderer-backed stand-in with planted flaws (`world-render`: CPU, milliseconds).
+`--backend flux` builds the same four sources from FLUX samples, VLM judges and Kontext edits
+(build_flux.py).
 
 Output: DIR/genref_{k}.tar shards with GenRef-wds keys (bad_image.png, good_image.png,
 prompt.txt, reflection.txt, subset.txt), DIR/cot/genref_{k}.jsonl GenRef-CoT-style records
-(prompt, analysis, instructions, result) for the same samples, and DIR/build.json (the settings).
-Sample i is a function of (seed, i) alone and is made in fixed chunks aligned with the shards,
-so a run killed at any point and started again continues after its last complete shard and
-writes the same bytes as an uninterrupted run.
+(prompt, analysis, instructions, result) for the same samples, DIR/genref_cot.jsonl (those
+parts merged in key order) and DIR/build.json (the settings).
+
+Shard k is the unit of work: it holds samples k*S .. k*S+S-1, sample i is a function of (seed, i)
+alone, and a shard is made in fixed chunks inside it, so its bytes depend on nothing but its index.
+Its CoT part is written before it, and it appears under its final name only when complete; so a
+shard file on disk with its full count of samples is done. A run killed at any point and started
+again redoes only the shards that are not, and several processes (accelerate launch / torchrun)
+deal the shards that are left among themselves, each writing its own; rank 0 merges the CoT parts
+when all have finished (`reflectionflow genref merge DIR` does it again at any time). The folder is
+the one a single process writes, byte for byte, whatever the number of processes and resumes.
 """
 
 from __future__ import annotations
@@ -27,8 +36,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import re
+import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,13 +51,22 @@ SOURCES = ("rule", "reward", "length", "editing")
 SUBSET_OF = {"rule": "rule", "reward": "general", "length": "length", "editing": "editing"}
 # GenRef's own proportions: 185K rule, 143K reward, 96K long/short, 619K editing.
 DEFAULT_MIX = {"rule": 0.18, "reward": 0.14, "length": 0.09, "editing": 0.59}
-BACKENDS = ("world",)
+BACKENDS = ("world", "flux")
 MAX_ATTEMPTS = 16  # prompt draws per sample before giving up (each draw: k fresh samples)
 FORMAT = "reflectionflow-genref-world/1"
+WORLD_DEFAULTS = {"steps": 20, "guidance": 3.0, "batch_size": 256, "workers": 1}
+COT_MERGED = "genref_cot.jsonl"
+_SHARD = re.compile(r"^genref_(\d+)\.tar$")
+# Fields of BuildConfig that only the flux backend reads; the world's identity leaves them out.
+_FLUX_FIELDS = ("prompts", "components", "flux")
 
 
 class BuildError(ValueError):
     """Bad `genref build` input."""
+
+
+class BuildFailed(RuntimeError):
+    """A build that could not go on (a judge that keeps failing); what is complete stays on disk."""
 
 
 @dataclass
@@ -56,17 +78,20 @@ class BuildConfig:
     mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
     shard_size: int = 1000
     samples_per_prompt: int = 4  # k: generator samples per prompt draw
-    generator: str | None = None  # None: the renderer-backed stand-in (--no-generator)
+    generator: str | None = None  # world: the generator folder; None: the renderer-backed stand-in
     steps: int = 20
     guidance: float = 3.0
     batch_size: int = 256
     device: str = "auto"
     workers: int = 1  # processes judging images
+    # --backend flux (build_flux.py)
+    prompts: str | None = None  # a prompt file or set; None: GenEval-style prompts drawn per sample
+    components: dict = field(default_factory=dict)  # kind -> registry name (the rest: build_flux.DEFAULTS)
+    flux: dict = field(default_factory=dict)  # the flux backend's public settings (no API key)
 
     def validate(self) -> BuildConfig:
         if self.backend not in BACKENDS:
-            raise BuildError(f"--backend {self.backend!r}: genref build knows {', '.join(BACKENDS)} (real-scale "
-                             "GenRef is built from FLUX samples and a VLM judge, not here)")
+            raise BuildError(f"--backend {self.backend!r}: genref build knows {', '.join(BACKENDS)}")
         for name in ("n", "shard_size", "steps", "batch_size", "workers"):
             if getattr(self, name) < 1:
                 raise BuildError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -80,16 +105,25 @@ class BuildConfig:
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise BuildError(f"--out {out} exists and is not a folder")
-        if self.generator is not None and not (Path(self.generator) / "model.safetensors").is_file():
-            raise BuildError(f"--generator {self.generator}: no model.safetensors there (use --no-generator for the "
-                             "renderer-backed stand-in)")
+        if self.backend == "world":
+            if self.prompts is not None or self.components or self.flux:
+                raise BuildError("--prompts, component names and FLUX settings are for --backend flux; the world "
+                                 "backend draws Shapes-world prompts and judges exactly")
+            if self.generator is not None and not (Path(self.generator) / "model.safetensors").is_file():
+                raise BuildError(f"--generator {self.generator}: no model.safetensors there (use --no-generator for "
+                                 "the renderer-backed stand-in)")
         return self
 
-    def identity(self) -> dict:
+    def identity(self, plan=None) -> dict:
         """What must not change between a run and its resumption (n may grow; speed settings may change)."""
+        if self.backend == "flux":
+            from .build_flux import identity
+
+            return identity(self, plan)
         from ..backends.world.mmdit import file_sha256
 
-        d = {k: v for k, v in asdict(self).items() if k not in ("out", "n", "batch_size", "device", "workers")}
+        skip = ("out", "n", "batch_size", "device", "workers", *_FLUX_FIELDS)
+        d = {k: v for k, v in asdict(self).items() if k not in skip}
         d["generator_sha256"] = file_sha256(Path(self.generator) / "model.safetensors") if self.generator else None
         return {"format": FORMAT, **d}
 
@@ -240,20 +274,64 @@ class Builder:
 
 def chunk_size(shard_size: int, cap: int = 256) -> int:
     """The largest divisor of the shard size up to `cap`: chunks never straddle a shard, so a
-    resumed run batches exactly as the first one did."""
+    shard is batched the same way whoever makes it, first time or on resume."""
     return max(d for d in range(1, min(shard_size, cap) + 1) if shard_size % d == 0)
 
 
-def build_genref(cfg: BuildConfig, progress: bool = True) -> dict:
-    """Write (or finish) the shards; returns a summary."""
-    from tqdm import tqdm
+# ----------------------------------------------------------------------------------------------
+# The folder: which shards exist, which are done, the merged CoT
 
-    from .writer import CoTRecord, CoTWriter, GenRefWriter
 
-    cfg.validate()
-    out = Path(cfg.out)
+@dataclass(frozen=True)
+class Layout:
+    n: int
+    shard_size: int
+
+    @property
+    def shards(self) -> int:
+        return math.ceil(self.n / self.shard_size)
+
+    def span(self, k: int) -> range:
+        return range(k * self.shard_size, min((k + 1) * self.shard_size, self.n))
+
+
+def shard_path(out: Path, k: int) -> Path:
+    return out / f"genref_{k}.tar"
+
+
+def cot_part(out: Path, k: int) -> Path:
+    return out / "cot" / f"genref_{k}.jsonl"
+
+
+def _existing_shards(out: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in out.iterdir() if (m := _SHARD.match(p.name))) if out.is_dir() else []
+
+
+def _lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _shard_done(out: Path, k: int, size: int) -> bool:
+    from .shards import count_samples
+
+    path = shard_path(out, k)
+    if not path.is_file():
+        return False
+    count = count_samples(path)
+    if count is not None and count > size:
+        raise BuildError(f"{out} holds {path.name} with {count} samples, more than this build's {size} for it "
+                         f"(a larger --n or another run); build into another folder")
+    return count == size and cot_part(out, k).is_file() and _lines(cot_part(out, k)) == size
+
+
+def prepare_folder(out: Path, ident: dict, layout: Layout) -> tuple[list[int], int]:
+    """Rank 0, before anyone writes: check build.json, clear what killed writers left, record the
+    settings, and find the shards still to make. Returns (pending shard indices, samples done)."""
+    from ..io import atomic_write_json
+    from .writer import remove_stale_temporaries
+
     out.mkdir(parents=True, exist_ok=True)
-    ident = cfg.identity()
     saved = out / "build.json"
     if saved.is_file():
         before = json.loads(saved.read_text())
@@ -261,50 +339,160 @@ def build_genref(cfg: BuildConfig, progress: bool = True) -> dict:
         if differ:
             raise BuildError(f"{out} holds a build with other settings ({', '.join(differ)}); build into another "
                              "folder or use the same settings")
-    saved.write_text(json.dumps(ident, indent=1) + "\n")
-    writer = GenRefWriter(out, max_samples_per_shard=cfg.shard_size)
-    start = writer.samples_committed
-    if start > cfg.n:
-        raise BuildError(f"{out} already holds {start} samples, more than --n {cfg.n}")
-    if cfg.generator is None:
+    beyond = [k for k in _existing_shards(out) if k >= layout.shards]
+    if beyond:
+        raise BuildError(f"{out} already holds shard genref_{beyond[0]}.tar, beyond the {layout.shards} shard(s) of "
+                         f"--n {layout.n}; use at least the --n it was built with")
+    remove_stale_temporaries(out)
+    if (out / "cot").is_dir():
+        remove_stale_temporaries(out / "cot")
+    atomic_write_json(saved, ident)
+    done = [k for k in range(layout.shards) if _shard_done(out, k, len(layout.span(k)))]
+    pending = [k for k in range(layout.shards) if k not in set(done)]
+    return pending, sum(len(layout.span(k)) for k in done)
+
+
+def merge_build(out: str | os.PathLike) -> dict:
+    """Check that DIR holds a complete build (shards 0..K-1, all but the last full, each with its CoT
+    part of as many records) and write DIR/genref_cot.jsonl, the parts in key order. Safe to run
+    again at any time; it changes nothing else."""
+    from .shards import count_samples
+    from .writer import _temp_path
+
+    out = Path(out)
+    saved = out / "build.json"
+    if not saved.is_file():
+        raise BuildError(f"{out}: no build.json; not a folder of `reflectionflow genref build`")
+    size = json.loads(saved.read_text()).get("shard_size")
+    indices = _existing_shards(out)
+    if not indices:
+        raise BuildError(f"{out}: no genref_*.tar shards yet")
+    if indices != list(range(len(indices))):
+        missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+        raise BuildError(f"{out}: shard(s) {', '.join(f'genref_{k}.tar' for k in missing[:5])} missing; finish the "
+                         "build first (run the same genref build command again)")
+    counts = []
+    for k in indices:
+        count = count_samples(shard_path(out, k))
+        last = k == indices[-1]
+        if count is None or (count != size and not last) or (last and not 1 <= count <= size):
+            raise BuildError(f"{out}: genref_{k}.tar is damaged or not complete; run the build again to redo it")
+        if not cot_part(out, k).is_file() or _lines(cot_part(out, k)) != count:
+            raise BuildError(f"{out}: cot/genref_{k}.jsonl is missing or does not match genref_{k}.tar; run the "
+                             "build again to redo that shard")
+        counts.append(count)
+    merged = out / COT_MERGED
+    tmp = _temp_path(merged)
+    with open(tmp, "wb") as f:
+        for k in indices:
+            f.write(cot_part(out, k).read_bytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, merged)
+    return {"shards": len(indices), "samples": sum(counts), "cot": str(merged)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+
+
+def _builder(cfg: BuildConfig, plan, components: Mapping | None):
+    """The backend's chunk maker (this is where weights load)."""
+    components = dict(components or {})
+    if cfg.backend == "flux":
+        from .build_flux import FluxBuilder, build_components
+
+        return FluxBuilder(cfg, plan, components or build_components(plan))
+    generator = components.get("generator")
+    if generator is None and cfg.generator is None:
         from ..backends.world.simulated import RenderGenerator
 
         generator = RenderGenerator()
-    else:
+    elif generator is None:
         from ..backends.world.mmdit import MMDiTGenerator
 
         generator = MMDiTGenerator(weights=cfg.generator, steps=cfg.steps, guidance=cfg.guidance,
                                    batch_size=cfg.batch_size, device=cfg.device)
-    builder = Builder(cfg, generator)
-    step = chunk_size(cfg.shard_size)
-    counts = dict.fromkeys(SUBSET_OF.values(), 0)
-    t0 = time.perf_counter()
+    return Builder(cfg, generator)
+
+
+def _write_shard(out: Path, k: int, span: range, builder, step: int, bar, counts: dict) -> None:
+    """Make shard k: its CoT part first, then the shard itself, each appearing whole."""
+    from .writer import CoTRecord, CoTWriter, ShardFile
+
     cot: list[CoTRecord] = []
-    bar = tqdm(total=cfg.n, initial=start, desc="genref build", unit="sample", disable=not progress)
-    with writer:
-        for lo in range(start, cfg.n, step):
-            for i, t in zip(range(lo, min(lo + step, cfg.n)), builder.chunk(lo, min(lo + step, cfg.n))):
-                subset = SUBSET_OF[t.source]
-                key = f"{i:09d}"
+    with ShardFile(shard_path(out, k)) as shard:
+        for lo in range(span.start, span.stop, step):
+            hi = min(lo + step, span.stop)
+            for i, t in zip(range(lo, hi), builder.chunk(lo, hi)):
+                subset, key = SUBSET_OF[t.source], f"{i:09d}"
                 cot.append(CoTRecord(t.prompt, t.analysis, t.reflection.splitlines(), t.result,
                                      {"key": key, "subset": subset, "source": t.source, **t.extra}))
-                if (i + 1) % cfg.shard_size == 0 or i + 1 == cfg.n:
-                    # The CoT file is complete before its shard is: a resumed run redoes both.
-                    with CoTWriter(out / "cot" / f"genref_{i // cfg.shard_size}.jsonl") as w:
-                        for r in cot:
-                            w.write(r)
-                    cot = []
-                writer.write(prompt=t.prompt, reflection=t.reflection, subset=subset, good=t.good, bad=t.bad, key=key)
+                shard.write(prompt=t.prompt, reflection=t.reflection, subset=subset, good=t.good, bad=t.bad, key=key)
                 counts[subset] += 1
                 bar.update(1)
+        with CoTWriter(cot_part(out, k)) as w:
+            for r in cot:
+                w.write(r)
+
+
+def build_genref(cfg: BuildConfig, progress: bool = True, dist=None, secrets: Mapping[str, str] | None = None,
+                 components: Mapping | None = None) -> dict:
+    """Write (or finish) this process's share of the shards; rank 0 returns the whole build's summary
+    (the others their own). `dist`: this process's place among several (engine.distributed.DistContext;
+    None: a single process). `secrets`: the flux backend's API key, never written anywhere.
+    `components`: already-built components by kind, instead of the configured ones (tests)."""
+    from tqdm import tqdm
+
+    from ..engine.distributed import DistContext, my_share
+
+    dist = dist or DistContext()
+    cfg.validate()
+    plan = None
+    if cfg.backend == "flux":
+        from .build_flux import check
+
+        plan = check(cfg, secrets or {})  # every check, before any weights load
+    ident = cfg.identity(plan)
+    dist.check_same("genref build settings", ident)
+    out, layout = Path(cfg.out), Layout(cfg.n, cfg.shard_size)
+    found = None
+    if dist.is_main:
+        try:
+            found = ("ok", prepare_folder(out, ident, layout))
+        except BuildError as e:
+            found = ("error", str(e))
+    # Rank 0's view of the folder, on every rank (also the point after which rank 0 has written build.json).
+    status, value = dist.agree(found)
+    if status == "error":
+        raise BuildError(value)
+    pending, resumed_at = value
+    mine = my_share(pending, dist.rank, dist.world_size)
+    counts = dict.fromkeys(SUBSET_OF.values(), 0)
+    t0 = time.perf_counter()
+    total = sum(len(layout.span(k)) for k in mine)
+    desc = "genref build" + (f" ({dist.label})" if dist.distributed else "")
+    bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress or not dist.is_main)
+    if mine:
+        builder = _builder(cfg, plan, components)
+        step = chunk_size(cfg.shard_size)
+        for k in mine:
+            _write_shard(out, k, layout.span(k), builder, step, bar, counts)
     bar.close()
-    return {"out": str(out), "samples": cfg.n, "written_now": cfg.n - start, "resumed_at": start,
-            "shards": math.ceil(cfg.n / cfg.shard_size), "subsets_written_now": counts,
-            "seconds": round(time.perf_counter() - t0, 2)}
+    mine_summary = {"rank": dist.rank, "shards": len(mine), "samples": total, "subsets": counts,
+                    "seconds": round(time.perf_counter() - t0, 2)}
+    ranks = dist.all_gather(mine_summary)  # every process has finished its share
+    if not dist.is_main:
+        return mine_summary
+    merged = merge_build(out)
+    written = {s: sum(r["subsets"][s] for r in ranks) for s in counts}
+    return {"out": str(out), "samples": cfg.n, "written_now": cfg.n - resumed_at, "resumed_at": resumed_at,
+            "shards": layout.shards, "subsets_written_now": written, "cot": merged["cot"],
+            "processes": dist.world_size, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 # ----------------------------------------------------------------------------------------------
-# The command
+# The commands
 
 
 def _mix(text: str) -> dict:
@@ -320,40 +508,123 @@ def _mix(text: str) -> dict:
     return out
 
 
+BUILD_DESCRIPTION = """Build GenRef-wds shards and GenRef-CoT records from the four sources: rule (a prompt's failed vs
+passed sample), reward (its lowest vs highest judged sample), length (a failed sample of the short
+prompt vs a passed one of its long form) and editing (a correct image vs one with a planted flaw).
+Deterministic and resumable: run the same command again, with any number of processes.
+
+--backend world (default): Shapes-world samples judged by the exact evaluator, reflections from the
+oracle reflector, planted-flaw scenes for editing.
+
+--backend flux: FLUX samples (--flux-path), judged by the verifier (default vlm-yesno: its yes/no
+decides the rule, length and editing pairs; the reward pairs rank by its score), reflections on the
+bad image by the reflector (vlm), long prompts by the refiner (vlm), and editing pairs from the
+Kontext corrector (--kontext-path) asked to plant a flaw in a passed sample (the edit must fail the
+verifier). Prompts: --prompts FILE|SET, or GenEval-style prompts drawn over GenEval's 80 classes
+(never one of the benchmark's own). The API key is read from the variable --vlm-api-key-env names
+(default OPENAI_API_KEY) on every run and never written anywhere.
+
+Several processes, GPUs or nodes: accelerate launch --multi_gpu --num_processes N -m reflectionflow
+genref build ... (or torchrun). Each process makes its own shards; rank 0 merges the CoT parts into
+genref_cot.jsonl. See docs/scale-out.md.
+"""
+
+
 def register(gsub: argparse._SubParsersAction) -> None:
+    from ..backends.flux.options import add_arguments as flux_arguments
+
     p = gsub.add_parser(
-        "build", help="build GenRef triplet shards (world backend: the four sources, judged exactly)",
-        description="Build GenRef-wds shards and GenRef-CoT records from the world: rule, reward and long/short "
-        "pairs from generator samples judged by the evaluator, editing pairs from planted flaws; reflections from "
-        "the oracle reflector. Deterministic and resumable (run the same command again).")
-    p.add_argument("--backend", default="world", help="world (the only one that builds GenRef here)")
-    p.add_argument("--out", required=True, help="output folder (shards, cot/, build.json)")
+        "build", help="build GenRef triplet shards from the four sources (world or FLUX with VLM judges)",
+        description=BUILD_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default="world", help="world (default) | flux")
+    p.add_argument("--out", required=True, help="output folder (shards, cot/, genref_cot.jsonl, build.json)")
     p.add_argument("--n", type=int, required=True, help="triplets to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mix", type=_mix, default=None,
                    help="source weights, default " + ",".join(f"{k}={v}" for k, v in DEFAULT_MIX.items()))
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard, the unit of work (default 1000)")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="generator samples per prompt draw")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--generator", default=None, help="world generator folder (default weights/world-generator)")
+    g.add_argument("--generator", default=None,
+                   help="world: generator folder (default weights/world-generator); flux: component name (flux)")
     g.add_argument("--no-generator", action="store_true",
-                   help="the renderer-backed stand-in with planted flaws instead of the trained generator (CPU-fast)")
-    p.add_argument("--steps", type=int, default=20, help="generator Euler steps")
-    p.add_argument("--guidance", type=float, default=3.0, help="generator CFG scale")
-    p.add_argument("--batch-size", type=int, default=256, help="generator batch")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=1, help="processes judging images")
+                   help="world: the renderer-backed stand-in with planted flaws instead of the trained generator")
+    w = p.add_argument_group("world backend")
+    w.add_argument("--batch-size", type=int, default=None, help="generator batch (default 256)")
+    w.add_argument("--workers", type=int, default=None, help="processes judging images (default 1)")
+    c = p.add_argument_group("flux backend: components and prompts")
+    for kind, what in (("verifier", "vlm-yesno, local-yesno, vlm-score or clip (default vlm-yesno)"),
+                       ("reflector", "vlm (default)"), ("refiner", "vlm (default)"),
+                       ("corrector", "kontext (default) or reflection: plants the editing source's flaws")):
+        c.add_argument(f"--{kind}", default=None, metavar="NAME", help=what)
+    c.add_argument("--prompts", default=None, metavar="FILE|DIR|SET",
+                   help="GenEval metadata .jsonl, .txt, .csv / .tsv, a folder of them, or the set geneval "
+                   "(default: GenEval-style prompts drawn over GenEval's classes)")
+    flux_arguments(p)
+    for action in p._actions:  # shared with the world backend: say both defaults
+        if action.dest in ("steps", "guidance", "device"):
+            world = {"steps": "20", "guidance": "3.0", "device": "auto"}[action.dest]
+            action.help = f"world: default {world}; flux: {action.help}"
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_build)
 
+    m = gsub.add_parser(
+        "merge", help="check a finished build and rewrite its merged CoT file (genref_cot.jsonl)",
+        description="Check that DIR holds every shard of a genref build with its CoT part, and write "
+        "DIR/genref_cot.jsonl from the parts in key order. `genref build` does this itself when it finishes.")
+    m.add_argument("dir", help="a folder written by `reflectionflow genref build`")
+    m.set_defaults(func=cmd_merge)
 
-def cmd_build(args) -> int:
+
+_WORLD_ONLY = {"no_generator": "--no-generator", "batch_size": "--batch-size", "workers": "--workers"}
+
+
+def config_from_args(args, environ: Mapping[str, str]) -> tuple[BuildConfig, dict]:
+    """(BuildConfig, secrets) from the flags; the flux backend's API key comes from `environ`."""
+    from ..backends.flux.options import given_options
+    from ..components import KINDS
+
+    common = dict(out=args.out, n=args.n, backend=args.backend, seed=args.seed,
+                  mix=args.mix if args.mix is not None else dict(DEFAULT_MIX), shard_size=args.shard_size,
+                  samples_per_prompt=args.samples_per_prompt)
+    # --generator, --steps, --guidance and --device serve both backends.
+    flux_given = sorted(k for k in given_options(args) if k not in ("steps", "guidance", "device", *KINDS))
+    flux_given += [k for k in ("verifier", "reflector", "refiner", "corrector", "prompts")
+                   if getattr(args, k) is not None]
+    if args.backend == "flux":
+        from .build_flux import config_from_args as flux_config
+
+        given = [flag for dest, flag in _WORLD_ONLY.items() if getattr(args, dest)]
+        if given:
+            raise BuildError(f"{', '.join(given)}: world-backend flag(s), but the backend is flux "
+                             "(FLUX batches with --flux-batch-size)")
+        return flux_config(args, environ, common)
+    if args.backend == "world" and flux_given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in flux_given)
+        raise BuildError(f"{flags}: flag(s) of --backend flux, but the backend is world; add --backend flux")
     from ..backends.world.mmdit import DEFAULT_GENERATOR
 
     generator = None if args.no_generator else (args.generator or str(DEFAULT_GENERATOR))
-    cfg = BuildConfig(out=args.out, n=args.n, backend=args.backend, seed=args.seed,
-                      mix=args.mix if args.mix is not None else dict(DEFAULT_MIX), shard_size=args.shard_size,
-                      samples_per_prompt=args.samples_per_prompt, generator=generator, steps=args.steps,
-                      guidance=args.guidance, batch_size=args.batch_size, device=args.device, workers=args.workers)
-    print(json.dumps(build_genref(cfg, progress=not args.quiet)))
+    world = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in WORLD_DEFAULTS.items()}
+    return BuildConfig(**common, generator=generator, device=args.device or "auto", **world), {}
+
+
+def cmd_build(args) -> int:
+    from ..engine.cli import launched
+    from ..engine.distributed import DistributedError
+
+    cfg, secrets = config_from_args(args, os.environ)
+    try:
+        with launched() as dist:
+            summary = build_genref(cfg, progress=not args.quiet, dist=dist, secrets=secrets)
+    except (DistributedError, BuildFailed) as e:
+        print(f"reflectionflow: error: {e}", file=sys.stderr)
+        return 1
+    if dist.is_main:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    print(json.dumps(merge_build(args.dir)))
     return 0

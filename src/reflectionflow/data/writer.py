@@ -75,6 +75,96 @@ def _tar_member(name: str, data: bytes) -> tarfile.TarInfo:
     return info
 
 
+def _check_sample(prompt: str, reflection: str, subset: str, key: str) -> None:
+    if subset not in SUBSETS:
+        raise GenRefError(f"subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
+    for name, text in (("prompt", prompt), ("reflection", reflection)):
+        if not isinstance(text, str):
+            raise GenRefError(f"{name} must be a string, got {type(text).__name__}")
+    if not _KEY.match(key):
+        raise GenRefError(f"sample key {key!r} must be letters, digits, '_', '-' and '/', without dots")
+
+
+def _sample_members(prompt: str, reflection: str, subset: str, good, bad, image_format: str,
+                    jpeg_quality: int) -> dict[str, bytes]:
+    good_bytes, good_ext = encode_image(good, image_format, jpeg_quality)
+    bad_bytes, bad_ext = encode_image(bad, image_format, jpeg_quality)
+    return {
+        f"bad_image.{bad_ext}": bad_bytes,
+        f"good_image.{good_ext}": good_bytes,
+        "prompt.txt": prompt.encode("utf-8"),
+        "reflection.txt": reflection.encode("utf-8"),
+        "subset.txt": subset.encode("utf-8"),
+    }
+
+
+def _add_sample(tar: tarfile.TarFile, key: str, members: Mapping[str, bytes]) -> None:
+    for field_name in sorted(members):  # one fixed member order, whatever the caller's order
+        data = members[field_name]
+        tar.addfile(_tar_member(f"{key}.{field_name}", data), io.BytesIO(data))
+
+
+class ShardFile:
+    """One shard under a name the caller chooses, written whole: the samples go into a temporary
+    file of this process (`.NAME.PID.tmp`), which takes the final name only when the shard is
+    complete. Several processes can each write their own shards into one folder; the bytes are
+    those GenRefWriter writes for the same samples. Leaving the block through an exception
+    discards the unfinished shard."""
+
+    def __init__(self, path: str | os.PathLike, image_format: str = "png", jpeg_quality: int = 95):
+        if image_format not in IMAGE_FORMATS:
+            raise GenRefError(f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.image_format, self.jpeg_quality = image_format, jpeg_quality
+        self._file = open(_temp_path(self.path), "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+        self.keys: list[str] = []
+
+    def write(self, *, prompt: str, reflection: str, subset: str, good, bad, key: str) -> str:
+        _check_sample(prompt, reflection, subset, key)
+        if key in self.keys:
+            raise GenRefError(f"sample key {key!r} appears twice in shard {self.path.name}")
+        _add_sample(self._tar, key, _sample_members(prompt, reflection, subset, good, bad, self.image_format,
+                                                    self.jpeg_quality))
+        self.keys.append(key)
+        return key
+
+    def close(self) -> Path:
+        if not self._file.closed:
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(_temp_path(self.path), self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._tar.close()
+            self._file.close()
+            _temp_path(self.path).unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporary files that killed writers left in `folder` (ShardFile, GenRefWriter,
+    CoTWriter all name them `.NAME.PID.tmp`). Only safe while no writer works in the folder."""
+    n = 0
+    for stale in Path(folder).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
 class GenRefWriter:
     """Write GenRef triplets into `out_dir/{prefix}_{i}.tar`, `max_samples_per_shard` per shard.
 
@@ -135,29 +225,12 @@ class GenRefWriter:
 
     def write(self, *, prompt: str, reflection: str, subset: str, good, bad, key: str | None = None) -> str:
         """Add one triplet; returns its key. Images: uint8 arrays, PIL images or PNG/JPEG bytes."""
-        if subset not in SUBSETS:
-            raise GenRefError(f"subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
-        for name, text in (("prompt", prompt), ("reflection", reflection)):
-            if not isinstance(text, str):
-                raise GenRefError(f"{name} must be a string, got {type(text).__name__}")
         key = f"{self._count:09d}" if key is None else key
-        if not _KEY.match(key):
-            raise GenRefError(f"sample key {key!r} must be letters, digits, '_', '-' and '/', without dots")
+        _check_sample(prompt, reflection, subset, key)
         if key in self._keys:
             raise GenRefError(f"sample key {key!r} appears twice in shard {self.shard_path(self._shard_index).name}")
-        good_bytes, good_ext = encode_image(good, self.image_format, self.jpeg_quality)
-        bad_bytes, bad_ext = encode_image(bad, self.image_format, self.jpeg_quality)
-        members = {
-            f"bad_image.{bad_ext}": bad_bytes,
-            f"good_image.{good_ext}": good_bytes,
-            "prompt.txt": prompt.encode("utf-8"),
-            "reflection.txt": reflection.encode("utf-8"),
-            "subset.txt": subset.encode("utf-8"),
-        }
-        tar = self._open_shard()
-        for field_name in sorted(members):  # one fixed member order, whatever the caller's order
-            data = members[field_name]
-            tar.addfile(_tar_member(f"{key}.{field_name}", data), io.BytesIO(data))
+        _add_sample(self._open_shard(), key, _sample_members(prompt, reflection, subset, good, bad,
+                                                              self.image_format, self.jpeg_quality))
         self._keys.add(key)
         self._count += 1
         if len(self._keys) == self.max_samples_per_shard:

@@ -1,7 +1,9 @@
 """`reflectionflow sweep`: methods x budgets x verifiers on one prompt set, as the paper's table.
 
 One run per (method, verifier), at the largest budget, into OUT/runs/<method>-<verifier>/ (a full
-`generate` run folder: resumable, distributed as `generate` is). Each budget k = 1, 2, 4, ... B is
+`generate` run folder: resumable, distributed as `generate` is), except that noise images do not
+depend on the verifier: one noise run (with the first verifier) serves all, each other verifier
+re-scoring its images. Each budget k = 1, 2, 4, ... B is
 then read from that run's trace as posthoc.py does: each prompt's verifier pick among its first k
 images in generation order, judged by the exact GenEval-Shapes evaluator (never the verifier's score).
 
@@ -93,13 +95,24 @@ def sweep(base: RunConfig, methods: list[str], verifiers: list[str], budget: int
     for (m, v), cfg in configs.items():
         prepare(cfg, out / "runs" / run_name(m, v), prompt, prompts, resume, secrets=secrets)
     _check_verifiers(base, verifiers)
+    # Noise images do not depend on the verifier (seeds alone decide them): one noise run, made with
+    # the first verifier, serves every verifier, each re-scoring its images (no image made twice).
+    rescored = {(m, v): (m, verifiers[0]) for (m, v) in configs if m == "noise" and v != verifiers[0]}
     for (m, v), cfg in configs.items():
-        generate(cfg, out / "runs" / run_name(m, v), prompt=prompt, prompts=prompts, resume=resume,
-                 progress=progress, report=False, secrets=secrets, dist=dist)
+        if (m, v) not in rescored:
+            generate(cfg, out / "runs" / run_name(m, v), prompt=prompt, prompts=prompts, resume=resume,
+                     progress=progress, report=False, secrets=secrets, dist=dist)
     result = None
     if dist.is_main:
-        points = [p for (m, v) in configs for p in curve(out / "runs" / run_name(m, v), m, v, budget, base.seed)]
-        result = write_sweep(out, points, {run_name(m, v): cfg.to_dict() for (m, v), cfg in configs.items()})
+        points = []
+        for m, v in configs:
+            src = rescored.get((m, v), (m, v))
+            scorer = _verifier(base, v) if (m, v) in rescored else None
+            points += curve(out / "runs" / run_name(*src), m, v, budget, base.seed, rescore=scorer)
+        settings = {run_name(m, v): cfg.to_dict() for (m, v), cfg in configs.items()}
+        for (m, v), src in rescored.items():
+            settings[run_name(m, v)] = {**settings[run_name(m, v)], "rescored_from": f"runs/{run_name(*src)}"}
+        result = write_sweep(out, points, settings)
     dist.barrier()  # nobody leaves before sweep.json exists
     return result
 
@@ -117,16 +130,38 @@ def _check_verifiers(base: RunConfig, verifiers: list[str]) -> None:
         build("verifier", v, **(base.options.get("verifier") or {}))
 
 
+def _verifier(base: RunConfig, name: str):
+    from ..components import build
+
+    return build("verifier", name, **(base.options.get("verifier") or {}))
+
+
+def rescore(folder: RunFolder, traces: dict[int, list[Candidate]], verifier, batch: int = 512) -> None:
+    """Replace every candidate's verdict with `verifier`'s on its image and the original prompt."""
+    items = [(i, c) for i, t in traces.items() for c in t]
+    prompts = {i: (_metadata(folder, i) or {}).get("prompt") for i in traces}
+    for j in range(0, len(items), batch):
+        chunk = items[j : j + batch]
+        for (i, c) in chunk:
+            c.root = folder.prompt_dir(i)
+        verdicts = verifier.score([c.load_image() for _, c in chunk], [prompts[i] for i, _ in chunk])
+        for (_, c), v in zip(chunk, verdicts):
+            c.verdict, c.image = v, None
+
+
 # ----------------------------------------------------------------------------------------------
 # Best-of-k from the trace, with per-prompt verdicts for the bootstrap
 
 
-def pick_verdicts(root: str | Path, ks: list[int]) -> dict[int, list[tuple[str, bool]]]:
-    """k -> [(category tag, exact evaluator's verdict on the verifier's pick among the first k)]."""
+def pick_verdicts(root: str | Path, ks: list[int], rescore_with=None) -> dict[int, list[tuple[str, bool]]]:
+    """k -> [(category tag, exact evaluator's verdict on the verifier's pick among the first k)].
+    With `rescore_with` (a verifier component) the picks follow its scores instead of the run's."""
     folder = RunFolder(Path(root))
     traces = {i: sorted((Candidate.from_record(r) for r in folder.load_trace(i)), key=lambda c: c.order)
               for i in folder.prompt_indices()}
     traces = {i: t for i, t in traces.items() if t}
+    if rescore_with is not None:
+        rescore(folder, traces, rescore_with)
     metas = {i: _metadata(folder, i) for i in traces}
     judge = _evaluator(metas)
     if judge is None:
@@ -170,10 +205,10 @@ def bootstrap(rows: list[tuple[str, bool]], seed: int, resamples: int = RESAMPLE
     return overall, ci(total, overall), {t: ci(draws[t], cats[t]) for t in cats}
 
 
-def curve(root: Path, method: str, verifier: str, budget: int, seed: int = 0) -> list[SweepPoint]:
+def curve(root: Path, method: str, verifier: str, budget: int, seed: int = 0, rescore=None) -> list[SweepPoint]:
     ks = powers_up_to(budget)
     points = []
-    for k, rows in pick_verdicts(root, ks).items():
+    for k, rows in pick_verdicts(root, ks, rescore).items():
         overall, oci, cci = bootstrap(rows, seed)
         points.append(SweepPoint(method=method, verifier=verifier, k=k, prompts=len(rows), overall=overall,
                                  overall_ci=oci, categories=category_means(rows), categories_ci=cci))

@@ -23,7 +23,11 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-TRAIN_COMMAND_MODULES: tuple[str, ...] = ("reflectionflow.train.verifier_cli",)
+TRAIN_COMMAND_MODULES: tuple[str, ...] = (
+    "reflectionflow.train.verifier_cli",  # world-verifier, world-reflector
+    "reflectionflow.train.flux_cli",  # flux-corrector
+    "reflectionflow.train.vlm_cli",  # verifier, reflector (transformers VLM judges)
+)
 
 
 def _mapping(text: str) -> dict:
@@ -72,6 +76,7 @@ GENERATOR = [
 ]
 CORRECTOR = [
     ("--generator", "generator", str, "the frozen base generator folder (default weights/world-generator)"),
+    ("--genref", "genref", str, "GenRef shards (glob or {a..b}): train through the shared corrector trainer"),
     ("--cond-attention", "cond_attention", str, "full | causal_kv (condition tokens see only themselves; K/V cached)"),
     ("--rank", "lora_rank", int, "LoRA rank"),
     ("--alpha", "lora_alpha", float, "LoRA alpha"),
@@ -114,8 +119,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="train the world's models (generator, corrector)",
-                       description="Train the Shapes world's models; each run folder stores its resolved config.")
+    t = sub.add_parser("train", help="train models: the world's four, the FLUX corrector, the VLM judges",
+                       description="Train the Shapes world's models (generator, corrector, verifier, reflector), "
+                       "the FLUX reflection corrector and the Qwen2.5-VL verifier and reflector; each run folder "
+                       "stores its resolved config.")
     tsub = t.add_subparsers(dest="train_command", metavar="WHAT", required=True)
     g = tsub.add_parser("world-generator", help="the world's text-to-image MMDiT, from scratch",
                         description="Flow matching on scenes rendered on the fly; OUT/ema holds the fp16 weights.")

@@ -26,6 +26,12 @@ timestep bin and per source), plus pool/ (the generator samples), corrector/ (th
 LoRA + corrector.json, written with every checkpoint), val.jsonl and samples/ (validation: the
 share of failed validation samples fixed by one correction with the oracle's reflection, and the
 share of passed ones broken by a "keep" correction), scores.json at the end.
+
+With `genref` set (a GenRef shard list, e.g. what `reflectionflow genref build` writes) the same
+corrector trains through the trainer shared with the FLUX corrector (train/corrector_common.py):
+data from GenRefReader with the subset mix, exact resume of the reader position, validation by a
+registered verifier (`genref_val_verifier`, the exact evaluator by default). `WorldGenRefFamily`
+is the world's side of that interface.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ..backends.world.mmdit import (
@@ -57,6 +64,7 @@ from ..world import spec
 from ..world.evaluate import evaluate_image
 from ..world.flaws import FLAW_KINDS, plant_flaw
 from ..world.render import render, sample_scene
+from .corrector_common import CorrectorBatch, CorrectorFamily, CorrectorTrainConfig, train_corrector
 from .corrector_pool import KEEP, POOL_TAG_WEIGHTS, Pool, PoolSettings, build_pool, default_workers, scene_detections
 from .loop import (
     Batch,
@@ -113,9 +121,17 @@ class WorldCorrectorConfig(TrainConfig):
     log_every: int = 50
     ckpt_every: int = 1000
     sample_every: int = 500
+    genref: str | None = None  # GenRef shards: train through the shared corrector trainer instead of the pool
+    genref_val_verifier: str = "world-oracle"  # scores the GenRef validation corrections
 
     def validate(self) -> WorldCorrectorConfig:
         super().validate()
+        if self.genref:
+            from ..components import check_name
+            from ..data.shards import resolve_shards
+
+            resolve_shards(self.genref)  # a ShardError (ValueError) names what is missing
+            check_name("verifier", self.genref_val_verifier)
         if self.cond_attention not in COND_ATTENTION:
             raise ValueError(f"cond_attention {self.cond_attention!r}; accepted: {', '.join(COND_ATTENTION)}")
         self.lora_targets = tuple(self.lora_targets)
@@ -373,6 +389,8 @@ def prepare_pool(cfg: WorldCorrectorConfig, model: MMDiT | None = None) -> Pool:
 def train_world_corrector(cfg: WorldCorrectorConfig) -> WorldCorrectorResult:
     """Train the corrector's LoRA; OUT/corrector holds the shippable adapters."""
     cfg.validate()
+    if cfg.genref:
+        return train_world_corrector_genref(cfg)
     _check_resume(cfg)
     out = Path(cfg.out_dir)
     if (out / "checkpoint").exists() and not cfg.resume:
@@ -397,3 +415,93 @@ def train_world_corrector(cfg: WorldCorrectorConfig) -> WorldCorrectorResult:
               "pool": pool.summary}
     (out / "scores.json").write_text(json.dumps(report, indent=1) + "\n")
     return WorldCorrectorResult(train=result, pool=pool.summary, scores=scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# The world family of the shared corrector trainer (GenRef shards in, train/corrector_common.py)
+
+
+class _WorldModule(nn.Module):
+    """`forward(x_t, t, inputs) -> velocity` around the MMDiT (what DDP wraps)."""
+
+    def __init__(self, model: MMDiT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tensor:
+        return self.model(x_t, t, inputs["text"], inputs["cond"])  # (B, 3, 64, 64)
+
+
+class WorldGenRefFamily(CorrectorFamily):
+    """The world's MMDiT corrector behind the shared trainer's interface: pixels are the flow's data,
+    the world tokenizer reads `corrector_text` (shortened to its word budget), a dropped image is
+    the blank canvas, as in the pool trainer."""
+
+    default_verifier = "world-oracle"
+
+    def __init__(self, cfg: WorldCorrectorConfig, device: torch.device):
+        self.cfg = cfg
+        model = load_generator(cfg.generator, cfg.cond_attention, device=device)
+        self.model = apply_lora(model, cfg.lora()).to(device)
+        self.module = _WorldModule(self.model)
+
+    def encode(self, batch: CorrectorBatch, device: torch.device) -> tuple[torch.Tensor, dict]:
+        tok = self.model.tokenizer
+        size = self.model.config.image_size
+
+        def pixels(images) -> torch.Tensor:
+            arr = np.stack([_fit(im, size) for im in images])  # (B, 64, 64, 3) uint8
+            return to_model_space(torch.from_numpy(arr).to(device))  # (B, 3, 64, 64)
+
+        texts = [corrector_text(p, r, tok) if p and r else p for p, r in zip(batch.prompts, batch.reflections)]
+        cond = pixels([BLANK if b is None else b for b in batch.bad])
+        return pixels(batch.good), {"text": tok(texts).to(device), "cond": cond}
+
+    def correct(self, images, prompts, reflections, seeds) -> list[np.ndarray]:
+        size = self.model.config.image_size
+        out, _ = correct_images(self.model, np.stack([_fit(im, size) for im in images]), prompts, reflections, seeds,
+                                self.cfg.sample_steps, self.cfg.cfg_scale)
+        self.model.train()
+        return list(out)
+
+    def save_adapters(self, folder: Path, info: dict) -> Path:
+        save_corrector(folder, self.model, self.cfg.lora(), self.cfg.generator, info)
+        return Path(folder) / "lora.safetensors"
+
+
+def _fit(image: np.ndarray, size: int) -> np.ndarray:
+    if image.shape[:2] == (size, size):
+        return np.ascontiguousarray(image)
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def genref_train_config(cfg: WorldCorrectorConfig) -> CorrectorTrainConfig:
+    """The world corrector's settings as the shared trainer's config (the subset mix as a schedule)."""
+    from ..data.genref import MixSchedule
+
+    return CorrectorTrainConfig(
+        out_dir=cfg.out_dir, genref=cfg.genref, mix=MixSchedule.linear(cfg.mix_start, cfg.mix_end,
+                                                                      max(cfg.mix_steps, 1)).to_dict(),
+        batch_size=cfg.batch_size, max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, optimizer="adamw", lr=cfg.lr,
+        weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), lr_schedule="cosine", warmup_steps=cfg.warmup_steps,
+        grad_clip=cfg.grad_clip, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+        lora_targets=tuple(cfg.lora_targets), text_dropout=cfg.text_dropout, image_dropout=cfg.image_dropout,
+        reflection_dropout=cfg.reflection_dropout, t_mean=cfg.t_mean, t_std=cfg.t_std, bf16=cfg.bf16,
+        gradient_checkpointing=False, seed=cfg.seed, device=cfg.device, log_every=cfg.log_every,
+        ckpt_every=cfg.ckpt_every, val_every=cfg.sample_every, val_size=min(cfg.val_max, cfg.val_prompts),
+        val_verifier=cfg.genref_val_verifier, val_steps=cfg.sample_steps, val_guidance=cfg.cfg_scale, trackers=(),
+        resume=cfg.resume, progress=cfg.progress)
+
+
+def train_world_corrector_genref(cfg: WorldCorrectorConfig, stop_after: int | None = None) -> WorldCorrectorResult:
+    """The world corrector trained on GenRef shards by the shared trainer; OUT/lora holds the adapters
+    (lora.safetensors + corrector.json, what the world-mmdit corrector loads)."""
+    core = genref_train_config(cfg)
+    res = train_corrector(core, WorldGenRefFamily, {"cfg": cfg}, name="world-corrector", stop_after=stop_after)
+    report = {"validation": res.validation, "steps": res.step, "train_minutes": round(res.minutes, 2),
+              "cond_attention": cfg.cond_attention, "lora": {"rank": cfg.lora_rank, "scope": cfg.lora_scope},
+              "genref": cfg.genref}
+    (Path(cfg.out_dir) / "scores.json").write_text(json.dumps(report, indent=1) + "\n")
+    return WorldCorrectorResult(train=res, pool={}, scores=None)

@@ -4,6 +4,7 @@ Both trainers start the same way (fresh folder or exact resume, AdamW, EMA) and 
 loop (warm-up/cosine lr, clip, EMA, periodic log with a validation score, checkpoint, an EMA
 export of shippable weights, a final save when the clock stops the run); they differ only in the
 model, the data, the loss of one batch and the validation score, which they pass in.
+`open_run_folder` and `append_log` are also the real-scale VLM trainers' (train/vlm_common.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,25 @@ import torch
 from .loop import EMA, _trim_log, load_checkpoint, lr_at, resolve_device, save_checkpoint
 
 
+def open_run_folder(cfg, write: bool = True) -> Path:
+    """Validate `cfg`, refuse to start over a checkpoint unless resuming, and (with `write`: the
+    main process) make the folder and record the resolved config in OUT/train_config.json."""
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    if (out / "checkpoint").exists() and not cfg.resume:
+        raise ValueError(f"{out} already holds a checkpoint; pass resume=True to continue it or pick another out_dir")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    return out
+
+
+def append_log(out: Path, row: dict) -> None:
+    """One line of OUT/log.jsonl (the run's whole story; `_trim_log` cuts it back on resume)."""
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 @dataclass
 class JudgeRun:
     out: Path
@@ -31,12 +51,7 @@ class JudgeRun:
 
 def start_judge_run(cfg, build_model: Callable[[], torch.nn.Module]) -> JudgeRun:
     """Validate, make (or resume) the run folder, build the model, optimizer and EMA."""
-    cfg.validate()
-    out = Path(cfg.out_dir)
-    if (out / "checkpoint").exists() and not cfg.resume:
-        raise ValueError(f"{out} already holds a checkpoint; pass resume=True to continue it or pick another out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    out = open_run_folder(cfg)
     dev = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model().to(dev).train()
@@ -93,8 +108,7 @@ def run_judge_loop(cfg, run: JudgeRun, name: str, batches: Iterator,
             if validate is not None:
                 val = {k: round(v, 4) for k, v in validate(ema.model).items()}
                 row.update(val)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_log(out, row)
             bar.set_postfix(loss=f"{last_loss:.4f}", **{k: f"{v}" for k, v in val.items()})
             sums, n = {}, 0
             model.train()

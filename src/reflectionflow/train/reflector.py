@@ -3,7 +3,10 @@
 Data as the verifier's (train/verifier.py): a prompt by category weights, its ground-truth scene
 from a training seed, with chance `p_flaw` one planted flaw; the target is what the oracle
 reflector (the detector versus the prompt, backends/world/oracle.py) writes for the rendered image
-("- Keep the image unchanged." for a correct one). Teacher-forced cross-entropy; checkpoints,
+("- Keep the image unchanged." for a correct one). With `--generator` (and `--corrector`), a share
+of every batch comes from a pool of that generator's samples (and the corrector's corrections of
+them), mostly failures, with the oracle's commands on them as targets: the images the reflector
+meets in a search, not only renders. Teacher-forced cross-entropy; checkpoints,
 exact resume and the log as the other trainers; OUT/reflector holds the shippable weights.
 Validation: the share of held-out renders whose decoded commands equal the oracle's exactly.
 """
@@ -23,7 +26,7 @@ from ..world.commands import format_reflection, parse_reflection
 from ..world.detect import detect
 from .judges import run_judge_loop, start_judge_run
 from .loop import StepBatches, TrainConfig
-from .verifier import flawed_render
+from .verifier import build_pool, check_pool_models, flawed_render
 from .world import DEFAULT_TAG_WEIGHTS, TRAIN_SEED_FLOOR, load_prompt_file, spread
 
 
@@ -39,6 +42,10 @@ class WorldReflectorConfig(TrainConfig):
     p_flaw: float = 0.8  # most targets should be edits, not "keep"
     tag_weights: dict = field(default_factory=lambda: dict(DEFAULT_TAG_WEIGHTS))
     val_size: int = 512
+    generator: str | None = None  # a generator folder: mix its own failures (oracle targets) into every batch
+    generator_share: float = 0.5
+    pool_size: int = 8192  # generator samples in the pool (OUT/pool.npz)
+    corrector: str | None = None  # a corrector folder: its corrections of the pool's samples join the pool
     ckpt_every: int = 500
     log_every: int = 100
 
@@ -46,8 +53,12 @@ class WorldReflectorConfig(TrainConfig):
         super().validate()
         if self.model_size not in SIZES:
             raise ValueError(f"model_size {self.model_size!r}; accepted: {', '.join(SIZES)}")
-        if not 0.0 <= self.p_flaw <= 1.0:
-            raise ValueError(f"p_flaw must be in [0, 1], got {self.p_flaw}")
+        for name in ("p_flaw", "generator_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.pool_size < 1:
+            raise ValueError("pool_size must be >= 1")
+        check_pool_models(self.generator, self.corrector)
         bad = sorted(set(self.tag_weights) - set(spec.TAGS))
         if bad or any(w < 0 for w in self.tag_weights.values()) or sum(self.tag_weights.values()) <= 0:
             raise ValueError(f"tag_weights: categories of {', '.join(spec.TAGS)} with weights >= 0 and a "
@@ -64,23 +75,36 @@ class ReflectorData(StepBatches):
     """Batches from `start_step` on; worker w of n makes steps start+w, start+w+n, ... (rendering,
     detecting and the oracle's commands run on the CPU, so DataLoader workers make them)."""
 
-    def __init__(self, cfg: WorldReflectorConfig, start_step: int):
-        self.cfg, self.start_step = cfg, start_step
+    def __init__(self, cfg: WorldReflectorConfig, start_step: int, pool: dict | None = None):
+        self.cfg, self.start_step, self.pool = cfg, start_step, pool
         self.pools = [spec._all_combinations(t) for t in spec.TAGS]
 
     def batch_at(self, step: int):
-        return batch_at(self.cfg, step, self.pools)
+        return batch_at(self.cfg, step, self.pools, self.pool)
 
 
-def batch_at(cfg: WorldReflectorConfig, step: int, pools) -> tuple[torch.Tensor, list[str], list[str]]:
-    """Batch `step`: a function of (seed, step) alone, so a resumed run sees the same batches."""
+def batch_at(cfg: WorldReflectorConfig, step: int, pools, pool: dict | None = None):
+    """Batch `step`: a function of (seed, step) and the pool alone, so a resumed run sees the same
+    batches. With a pool, a share `generator_share` of the batch are its samples, four in five of
+    them failures (their targets are edits; a correct sample's target is "keep")."""
     rng = np.random.default_rng([cfg.seed, step])
+    n_gen = int(round(cfg.batch_size * cfg.generator_share)) if pool is not None else 0
     w = np.array([cfg.tag_weights.get(t, 0.0) for t in spec.TAGS], dtype=np.float64)
-    tags = rng.choice(len(spec.TAGS), size=cfg.batch_size, p=w / w.sum())
+    tags = rng.choice(len(spec.TAGS), size=cfg.batch_size - n_gen, p=w / w.sum())
     metas = [pools[t][rng.integers(len(pools[t]))] for t in tags]
     seeds = rng.integers(TRAIN_SEED_FLOOR, 2**62, size=len(metas)).tolist()
     images, targets = oracle_examples(metas, seeds, cfg.p_flaw)
-    return torch.from_numpy(images), [m["prompt"] for m in metas], targets
+    prompts = [m["prompt"] for m in metas]
+    if n_gen:
+        fails, passes = pool["fails"], pool["passes"]
+        idx = []
+        for _ in range(n_gen):
+            src = fails if len(fails) and (not len(passes) or rng.random() < 0.8) else passes
+            idx.append(int(src[rng.integers(len(src))]))
+        images = np.concatenate([images, pool["images"][idx]])
+        prompts += [pool["prompts"][i] for i in idx]
+        targets += [pool["reflections"][i] for i in idx]
+    return torch.from_numpy(images), prompts, targets
 
 
 @torch.no_grad()
@@ -102,7 +126,12 @@ class ReflectorTrainResult:
 def train_world_reflector(cfg: WorldReflectorConfig) -> ReflectorTrainResult:
     run = start_judge_run(cfg, lambda: WorldReflector(SIZES[cfg.model_size]()))
     model, dev = run.model, run.device
-    batches = iter(DataLoader(ReflectorData(cfg, run.step), batch_size=None, num_workers=cfg.num_workers,
+    pool = None
+    if cfg.generator:
+        pool = build_pool(cfg, dev)
+        pool["fails"] = np.nonzero(pool["labels"] < 0.5)[0]
+        pool["passes"] = np.nonzero(pool["labels"] >= 0.5)[0]
+    batches = iter(DataLoader(ReflectorData(cfg, run.step, pool), batch_size=None, num_workers=cfg.num_workers,
                               prefetch_factor=4 if cfg.num_workers else None))
     validate = None
     if cfg.val_size:

@@ -50,6 +50,7 @@ class WorldVerifierConfig(TrainConfig):
     generator: str | None = None  # a generator folder: mix in its own judged samples
     generator_share: float = 0.5
     pool_size: int = 8192  # generator samples in the pool
+    corrector: str | None = None  # a corrector folder: its corrections of the pool's samples join the pool
     val_size: int = 1024  # held-out renders (validation prompts, small seeds) scored at each log
     ckpt_every: int = 500
     log_every: int = 100
@@ -61,8 +62,7 @@ class WorldVerifierConfig(TrainConfig):
         for name in ("p_flaw", "generator_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.generator is not None and not (Path(self.generator) / "model.safetensors").is_file():
-            raise ValueError(f"--generator {self.generator}: no generator weights (model.safetensors missing)")
+        check_pool_models(self.generator, self.corrector)
         bad = sorted(set(self.tag_weights) - set(spec.TAGS))
         if bad or any(w < 0 for w in self.tag_weights.values()) or sum(self.tag_weights.values()) <= 0:
             raise ValueError(f"tag_weights: categories of {', '.join(spec.TAGS)} with weights >= 0 and a "
@@ -70,6 +70,16 @@ class WorldVerifierConfig(TrainConfig):
         if self.pool_size < 1 or self.val_size < 0:
             raise ValueError("pool_size must be >= 1 and val_size >= 0")
         return self
+
+
+def check_pool_models(generator: str | None, corrector: str | None) -> None:
+    if generator is not None and not (Path(generator) / "model.safetensors").is_file():
+        raise ValueError(f"--generator {generator}: no generator weights (model.safetensors missing)")
+    if corrector is not None:
+        if generator is None:
+            raise ValueError("--corrector needs --generator (it corrects the generator's samples)")
+        if not (Path(corrector) / "lora.safetensors").is_file():
+            raise ValueError(f"--corrector {corrector}: no corrector weights (lora.safetensors missing)")
 
 
 def flawed_render(meta: dict, seed: int, p_flaw: float) -> np.ndarray:
@@ -121,24 +131,50 @@ class VerifierData(StepBatches):
         return torch.from_numpy(images), prompts, torch.from_numpy(labels)
 
 
-def build_pool(cfg: WorldVerifierConfig, dev: torch.device) -> dict:
-    """The generator's samples on prompts drawn from the whole prompt space, judged once (OUT/pool.npz)."""
-    from ..backends.world.mmdit import load_generator
+def build_pool(cfg, dev: torch.device) -> dict:
+    """The generator's samples on prompts drawn from the whole prompt space, judged once, and with a
+    corrector its corrections of them (every failure with the oracle's reflection, as many passed
+    samples with "keep"), judged too; OUT/pool.npz. Keys: images, labels, prompts, reflections (the
+    oracle reflector's commands for each image: the reflector's targets)."""
+    from ..backends.world.mmdit import MMDiTCorrector, load_generator
+    from ..components import CorrectionRequest
+    from .corrector_pool import KEEP, label_images
 
     path = Path(cfg.out_dir) / "pool.npz"
     if path.is_file():
         z = np.load(path)
-        return {"images": z["images"], "labels": z["labels"], "prompts": [str(p) for p in z["prompts"]]}
+        return {"images": z["images"], "labels": z["labels"], "prompts": [str(p) for p in z["prompts"]],
+                "reflections": [str(r) for r in z["reflections"]]}
     rng = np.random.default_rng([cfg.seed, 2**31])
     every = [m for t in spec.TAGS for m in spec._all_combinations(t)]
     metas = [every[i] for i in rng.integers(len(every), size=cfg.pool_size)]
     seeds = rng.integers(TRAIN_SEED_FLOOR, 2**62, size=cfg.pool_size).tolist()
     model = load_generator(cfg.generator, device=dev)
     images, _ = generate_images(model, [m["prompt"] for m in metas], seeds)
-    labels = np.array([evaluate_image(img, m).correct for img, m in zip(images, metas)], dtype=np.float32)
+    del model
+    workers = max(1, cfg.num_workers)
+    labs = label_images(images, metas, seeds, workers, with_target=False)
+    fails = [i for i, lab in enumerate(labs) if not lab.correct]
+    if cfg.corrector and fails:
+        passes = [i for i, lab in enumerate(labs) if lab.correct][: len(fails)]
+        todo = fails + passes
+        corrector = MMDiTCorrector(weights=cfg.corrector, generator=cfg.generator, device=str(dev))
+        reqs = [CorrectionRequest(image=images[i], prompt=metas[i]["prompt"],
+                                  reflection=KEEP if labs[i].correct else labs[i].reflection,
+                                  seed=int(seeds[i]) + 1) for i in todo]
+        fixed = np.stack([r.image for r in corrector.correct(reqs)])
+        fmetas = [metas[i] for i in todo]
+        images = np.concatenate([images, fixed])
+        labs += label_images(fixed, fmetas, [int(seeds[i]) + 1 for i in todo], workers, with_target=False)
+        metas += fmetas
+    labels = np.array([lab.correct for lab in labs], dtype=np.float32)
     prompts = np.array([m["prompt"] for m in metas])
-    np.savez_compressed(path, images=images, labels=labels, prompts=prompts)
-    return {"images": images, "labels": labels, "prompts": list(map(str, prompts))}
+    reflections = np.array([lab.reflection for lab in labs])
+    tmp = path.with_name(".pool.tmp.npz")  # written whole, then renamed: a crash never leaves half a pool
+    np.savez_compressed(tmp, images=images, labels=labels, prompts=prompts, reflections=reflections)
+    tmp.replace(path)
+    return {"images": images, "labels": labels, "prompts": list(map(str, prompts)),
+            "reflections": list(map(str, reflections))}
 
 
 def validation_set(cfg: WorldVerifierConfig) -> tuple[torch.Tensor, list[str], torch.Tensor]:

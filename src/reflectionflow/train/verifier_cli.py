@@ -17,10 +17,12 @@ VERIFIER = [
     ("--generator", "generator", str, "a generator folder: mix its own judged samples into every batch"),
     ("--generator-share", "generator_share", float, "share of each batch from the generator's pool"),
     ("--pool-size", "pool_size", int, "generator samples in the pool (made once, OUT/pool.npz)"),
+    ("--corrector", "corrector", str, "a corrector folder: its corrections of the pool's samples join the pool"),
     ("--val-size", "val_size", int, "held-out renders scored at every log line (0: none)"),
 ]
 
-REFLECTOR = [row for row in VERIFIER if row[1] in ("model_size", "p_flaw", "tag_weights", "val_size")]
+REFLECTOR = [row for row in VERIFIER if row[1] in ("model_size", "p_flaw", "tag_weights", "val_size", "generator",
+                                                  "generator_share", "pool_size", "corrector")]
 
 
 def register(tsub: argparse._SubParsersAction) -> None:

@@ -92,6 +92,8 @@ class FluxModels:
         self._corrector = None
         self._kontext = None
         self.lora: LoRAFile | None = None
+        self.compile_blocks = False  # regional torch.compile, applied when the pipeline loads
+        self.fp8 = False  # fp8 matmuls (torchao), applied when the pipeline loads
 
     @classmethod
     def from_pipeline(cls, pipe, kontext_pipe=None) -> FluxModels:
@@ -101,13 +103,26 @@ class FluxModels:
         models.device = str(pipe._execution_device)
         models.dtype = pipe.transformer.dtype
         models._pipe, models._corrector, models._kontext, models.lora = pipe, None, kontext_pipe, None
+        models.compile_blocks = models.fp8 = False
         return models
 
     @property
     def pipe(self):
         if self._pipe is None:
             self._pipe = load_pipeline(self.flux_folder, self.device, self.dtype)
+            self.speed_up(self._pipe.transformer)
         return self._pipe
+
+    def speed_up(self, transformer) -> None:
+        """fp8 first (the compiled graphs then hold the fp8 matmuls), then regional compilation of the
+        blocks, for the corrector's functions and for diffusers' own blocks (the plain generator)."""
+        from .transformer import compile_blocks, quantize_fp8
+
+        if self.fp8:
+            quantize_fp8(transformer)
+        if self.compile_blocks:
+            compile_blocks(transformer)
+            transformer.compile_repeated_blocks()
 
     def corrector_pipe(self, lora: LoRAFile | None):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -199,14 +214,23 @@ class ReflectionCorrector(_Noise, Corrector):
     """
 
     def __init__(self, models: FluxModels, settings: SamplingSettings, lora: LoRAFile | None,
-                 condition_size: int = 512, clip_text: str = "prompt"):
+                 condition_size: int = 512, clip_text: str = "prompt", strength: float = 1.0,
+                 cond_attention: str = "full"):
+        from .transformer import COND_ATTENTION
+
         if clip_text not in CLIP_TEXTS:
             raise ValueError(f"clip_text {clip_text!r}; accepted: {', '.join(CLIP_TEXTS)}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if cond_attention not in COND_ATTENTION:
+            raise ValueError(f"cond_attention {cond_attention!r}; accepted: {', '.join(COND_ATTENTION)}")
         self.models = models
         self.s = settings
         self.lora = lora
         self.condition_size = condition_size
         self.clip_text = clip_text
+        self.strength = strength  # < 1: start from the previous image partly noised (fewer steps)
+        self.cond_attention = cond_attention  # causal_kv: a corrector trained so; condition K/V cached
 
     @property
     def pipe(self):
@@ -225,8 +249,10 @@ class ReflectionCorrector(_Noise, Corrector):
             images = pipe(image=[r.image for r in chunk], prompt=clip, prompt_2=texts, height=s.height,
                           width=s.width, num_inference_steps=s.steps, guidance_scale=s.guidance,
                           latents=self._latents(pipe, noises), condition_size=self.condition_size,
-                          max_sequence_length=s.max_sequence_length, output_type="np").images
-            out += [GenerationResult(image=im, nfe=s.steps, noise=n) for im, n in zip(_to_uint8(images), noises)]
+                          max_sequence_length=s.max_sequence_length, output_type="np", strength=self.strength,
+                          cond_attention=self.cond_attention).images
+            nfe = pipe._num_timesteps  # fewer than s.steps when strength < 1
+            out += [GenerationResult(image=im, nfe=nfe, noise=n) for im, n in zip(_to_uint8(images), noises)]
         return out
 
 

@@ -34,8 +34,8 @@ if TYPE_CHECKING:  # lora.py imports torch: not on the command line's start-up p
 CHOICES: dict[str, tuple[str, ...]] = {
     "generator": ("flux",),
     "corrector": ("reflection", "kontext"),
-    "verifier": ("vlm-yesno", "vlm-score", "local-yesno", "clip"),
-    "reflector": ("vlm",),
+    "verifier": ("vlm-yesno", "vlm-score", "local-yesno", "clip", "reward"),
+    "reflector": ("vlm", "local"),
     "refiner": ("vlm",),
 }
 VLM_NAMES = frozenset({"vlm-yesno", "vlm-score", "vlm"})
@@ -77,11 +77,18 @@ class FluxBackendOptions:
     kontext_include_prompt: bool = False
     max_sequence_length: int | None = None  # None: 512 (dev), 256 (schnell)
     batch_size: int = 4  # images per transformer call
+    # Speed levers (docs/speed.md). Exact: compile_blocks. Changing the images: the other three.
+    compile_blocks: bool = False  # regional torch.compile of the transformer blocks (about a minute at start-up)
+    fp8: bool = False  # fp8 matmuls through torchao (Hopper or newer)
+    corrector_strength: float = 1.0  # < 1: the corrector starts from the previous image partly noised
+    corrector_cond_attention: str = "full"  # causal_kv: a corrector trained so; condition K/V computed once
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
     # Local verifiers
     local_verifier_path: str | None = None
     clip_path: str | None = None
+    verifier_path: str | None = None  # --verifier reward: a `reflectionflow train verifier` folder
+    reflector_path: str | None = None  # --reflector local: a `reflectionflow train reflector` folder
     # The OpenAI-compatible endpoint (the key lives in vlm.api_key and is never recorded)
     vlm: VLMOptions = field(default_factory=VLMOptions)
 
@@ -141,6 +148,16 @@ def add_arguments(parser: argparse.ArgumentParser, component_flags: bool = False
                    help="CLIP text of the corrector: the refined prompt (default, as trained) or prompt + reflection")
     f.add_argument("--max-sequence-length", type=int, help="T5 tokens (default 512; 256 for schnell)")
     f.add_argument("--flux-batch-size", type=int, help="images per transformer call (default 4)")
+    f.add_argument("--compile-blocks", action="store_const", const=True, default=None,
+                   help="regional torch.compile of the transformer blocks (same images; ~1 min at start-up)")
+    f.add_argument("--fp8", action="store_const", const=True, default=None,
+                   help="fp8 matmuls through torchao on Hopper or newer GPUs (changes the images slightly)")
+    f.add_argument("--corrector-strength", type=float,
+                   help="in (0, 1]: the corrector starts from the previous image noised to this level and runs "
+                   "that share of --corrector-steps (default 1: from pure noise, as trained)")
+    f.add_argument("--corrector-cond-attention", choices=("full", "causal_kv"),
+                   help="full (default; the released corrector) or causal_kv (a corrector trained with condition "
+                   "tokens attending only to themselves: their keys/values are computed once per image)")
     f.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     f.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
     v = parser.add_argument_group("VLM judges (OpenAI-compatible endpoint)")
@@ -158,6 +175,10 @@ def add_arguments(parser: argparse.ArgumentParser, component_flags: bool = False
     loc = parser.add_argument_group("local verifiers")
     loc.add_argument("--local-verifier-path", metavar="DIR", help="transformers VLM folder for --verifier local-yesno")
     loc.add_argument("--clip-path", metavar="DIR", help="CLIP folder for --verifier clip")
+    loc.add_argument("--verifier-path", metavar="DIR",
+                     help="reward-model folder (`reflectionflow train verifier`) for --verifier reward")
+    loc.add_argument("--reflector-path", metavar="DIR",
+                     help="Qwen2.5-VL folder (`reflectionflow train reflector`) for --reflector local")
 
 
 # Flags whose option has another name (the rest are FluxBackendOptions fields of the flag's name).
@@ -269,6 +290,22 @@ def validate_options(options: FluxBackendOptions, kinds: Sequence[str] = KINDS,
         raise FluxOptionsError(f"--dtype {options.dtype!r}; accepted: {', '.join(DTYPES)}")
     if options.clip_text not in ("prompt", "full"):
         raise FluxOptionsError(f"--clip-text {options.clip_text!r}; accepted: prompt, full")
+    strength = options.corrector_strength
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise FluxOptionsError(f"--corrector-strength must be a number in (0, 1], got {strength!r}")
+    if options.corrector_cond_attention not in ("full", "causal_kv"):
+        raise FluxOptionsError(f"--corrector-cond-attention {options.corrector_cond_attention!r}; "
+                               "accepted: full, causal_kv")
+    for name in ("compile_blocks", "fp8"):
+        if not isinstance(getattr(options, name), bool):
+            raise FluxOptionsError(f"--{name.replace('_', '-')} is a switch (true or false), "
+                                   f"got {getattr(options, name)!r}")
+    if options.fp8:
+        from .transformer import fp8_available
+
+        why = fp8_available()
+        if why is not None:
+            raise FluxOptionsError(f"--fp8: {why}; install torchao built for this torch (docs/speed.md) or drop --fp8")
 
     plan = FluxPlan(options=options, kinds=kinds)
     corrector = names.get("corrector")
@@ -313,6 +350,19 @@ def validate_options(options: FluxBackendOptions, kinds: Sequence[str] = KINDS,
         if not options.clip_path:
             raise FluxOptionsError("--verifier clip needs --clip-path (a CLIP model folder)")
         check_model_folder(options.clip_path, "--clip-path", accepted=("clip",))
+    if verifier == "reward":
+        from ...models.qwen_vl import check_reward_folder
+
+        if not options.verifier_path:
+            raise FluxOptionsError("--verifier reward needs --verifier-path (a `reflectionflow train verifier` folder)")
+        check_reward_folder(options.verifier_path, "--verifier-path")
+    if names.get("reflector") == "local":
+        from ...models.qwen_vl import check_qwen_folder
+
+        if not options.reflector_path:
+            raise FluxOptionsError("--reflector local needs --reflector-path (a `reflectionflow train reflector` "
+                                   "folder)")
+        check_qwen_folder(options.reflector_path, "--reflector-path")
     if VLM_NAMES & set(names.values()):
         options.vlm.check_values()
         if check_endpoint:
@@ -355,6 +405,7 @@ def build_components(options: FluxBackendOptions, kinds: Sequence[str] = KINDS, 
     models = None
     if plan.flux is not None or plan.kontext is not None:
         models = FluxModels.shared(plan.flux or plan.kontext, device=o.device, dtype=o.dtype, kontext=plan.kontext)
+        models.compile_blocks, models.fp8 = o.compile_blocks, o.fp8
     gen = SamplingSettings(height=o.height, width=o.width, steps=o.steps, guidance=o.guidance,
                            max_sequence_length=o.max_sequence_length, batch_size=o.batch_size)
     cor = replace(gen, steps=o.corrector_steps, guidance=o.corrector_guidance)
@@ -362,7 +413,8 @@ def build_components(options: FluxBackendOptions, kinds: Sequence[str] = KINDS, 
         built["generator"] = FluxGenerator(models, gen)
     if names.get("corrector") == "reflection":
         built["corrector"] = ReflectionCorrector(models, cor, plan.lora, condition_size=o.condition_size,
-                                                 clip_text=o.clip_text)
+                                                 clip_text=o.clip_text, strength=float(o.corrector_strength),
+                                                 cond_attention=o.corrector_cond_attention)
     elif names.get("corrector") == "kontext":
         built["corrector"] = KontextCorrector(models, cor, include_prompt=o.kontext_include_prompt)
     if any(n in VLM_NAMES for n in names.values()):
@@ -384,6 +436,14 @@ def build_components(options: FluxBackendOptions, kinds: Sequence[str] = KINDS, 
         from ..vlm.local import CLIPScoreVerifier
 
         built["verifier"] = CLIPScoreVerifier(o.clip_path, device=o.device, dtype=o.dtype)
+    elif names.get("verifier") == "reward":
+        from ..vlm.reward import RewardVerifier
+
+        built["verifier"] = RewardVerifier(o.verifier_path, device=o.device, dtype=o.dtype)
+    if names.get("reflector") == "local":
+        from ..vlm.reward import LocalReflector
+
+        built["reflector"] = LocalReflector(o.reflector_path, device=o.device, dtype=o.dtype)
     return built
 
 
@@ -420,7 +480,8 @@ def check_run(settings: Mapping, names: Mapping[str, str], secrets: Mapping[str,
     return settings_of(_absolute_paths(plan.options)), plan
 
 
-_PATH_OPTIONS = ("flux_path", "kontext_path", "lora_path", "local_verifier_path", "clip_path")
+_PATH_OPTIONS = ("flux_path", "kontext_path", "lora_path", "local_verifier_path", "clip_path", "verifier_path",
+                 "reflector_path")
 
 
 def _absolute_paths(options: FluxBackendOptions) -> FluxBackendOptions:

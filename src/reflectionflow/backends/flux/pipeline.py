@@ -6,6 +6,11 @@ latent packing and scheduler handling, and replaces the transformer call with
 
 Unlike the original `generate(...)` it takes a batch of conditions (one per prompt), and it honours
 `num_inference_steps`, `guidance_scale` and the noise it is given (`latents=` or `generator=`).
+
+Two speed levers change what is computed (docs/speed.md): `strength < 1` starts from the previous
+image noised to the schedule's sigma at step (1 - strength) x steps and runs only the remaining
+steps (diffusers' img2img rule); `cond_attention="causal_kv"` (a corrector trained so) computes the
+condition tokens' keys/values once per image instead of at every step.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import FluxPipelineOutput, calculate_shift, retrieve_timesteps
 from PIL import Image
 
-from .transformer import condition_ids, corrector_forward
+from .transformer import COND_ATTENTION, condition_ids, corrector_forward, encode_condition_kv
 
 
 def to_pil(image) -> Image.Image:
@@ -35,7 +40,14 @@ class FluxReflectionCorrectorPipeline(FluxPipeline):
     (`lora.load_lora`). With `image=None` it is exactly FluxPipeline.
     """
 
-    def check_corrector_inputs(self, image, prompt, prompt_2, height, width, condition_size, latents):
+    def check_corrector_inputs(self, image, prompt, prompt_2, height, width, condition_size, latents,
+                               strength: float = 1.0, cond_attention: str = "full"):
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"`strength` must be in (0, 1], got {strength}")
+        if strength < 1.0 and image is None:
+            raise ValueError("`strength` < 1 starts from the previous image: pass `image`")
+        if cond_attention not in COND_ATTENTION:
+            raise ValueError(f"`cond_attention` {cond_attention!r}; accepted: {', '.join(COND_ATTENTION)}")
         multiple = self.vae_scale_factor * 2
         if height % multiple or width % multiple:
             raise ValueError(f"`height` and `width` must be multiples of {multiple}, got {height}x{width}")
@@ -63,6 +75,16 @@ class FluxReflectionCorrectorPipeline(FluxPipeline):
         ids = condition_ids(h // 2, w // 2, device=device, dtype=dtype)
         return tokens, ids
 
+    def encode_start(self, images, height: int, width: int, device, dtype) -> torch.Tensor:
+        """Previous images -> packed clean latents at the output size (B, N_img, C*4), the start of a
+        partial (strength < 1) correction."""
+        pil = [to_pil(im).resize((width, height), Image.BICUBIC) for im in images]
+        pixels = self.image_processor.preprocess(pil, height, width).to(device=device, dtype=self.vae.dtype)
+        lat = self.vae.encode(pixels).latent_dist.mode()
+        lat = (lat - self.vae.config.shift_factor) * self.vae.config.scaling_factor  # (B, C, h, w)
+        b, c, h, w = lat.shape
+        return self._pack_latents(lat.to(dtype), b, c, h, w)  # (B, h/2*w/2, C*4)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -79,9 +101,13 @@ class FluxReflectionCorrectorPipeline(FluxPipeline):
         max_sequence_length: int = 512,
         output_type: str = "np",
         return_dict: bool = True,
+        strength: float = 1.0,
+        cond_attention: str = "full",
+        cache_condition: bool = True,
     ):
         # 1. Check inputs
-        self.check_corrector_inputs(image, prompt, prompt_2, height, width, condition_size, latents)
+        self.check_corrector_inputs(image, prompt, prompt_2, height, width, condition_size, latents, strength,
+                                    cond_attention)
         self._guidance_scale = guidance_scale
         self._joint_attention_kwargs = {}
         self._interrupt = False
@@ -94,9 +120,16 @@ class FluxReflectionCorrectorPipeline(FluxPipeline):
         )
 
         # 3. Encode the condition images
-        cond, cond_ids = None, None
+        cond, cond_ids, cond_kv = None, None, None
         if image is not None and len(image):
             cond, cond_ids = self.encode_condition(image, condition_size, device, prompt_embeds.dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([batch_size], guidance_scale, device=device, dtype=torch.float32)
+        if cond is not None and cond_attention == "causal_kv" and cache_condition:
+            # Once per image: the condition stream reads only itself, so it is the same at every step.
+            cond_kv = encode_condition_kv(self.transformer, cond, cond_ids, pooled_prompt_embeds, guidance)
+            cond = None
 
         # 4. Prepare the noise
         num_channels_latents = self.transformer.config.in_channels // 4
@@ -115,19 +148,26 @@ class FluxReflectionCorrectorPipeline(FluxPipeline):
         )
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device,
                                                             sigmas=sigmas, mu=mu)
+        begin = 0
+        if strength < 1.0:
+            # 5b. Partial start: skip the first (1 - strength) of the grid; the previous image noised to
+            # the first remaining sigma (x = sigma * noise + (1 - sigma) * x0) replaces the pure noise.
+            begin = num_inference_steps - max(1, round(num_inference_steps * strength))
+            timesteps = timesteps[begin:]
+            start = self.encode_start(image, height, width, device, prompt_embeds.dtype)
+            self.scheduler.set_begin_index(begin)
+            latents = self.scheduler.scale_noise(start, timesteps[:1], latents)
         self._num_timesteps = len(timesteps)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full([batch_size], guidance_scale, device=device, dtype=torch.float32)
 
         # 6. Denoise
-        self.scheduler.set_begin_index(0)
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
+        self.scheduler.set_begin_index(begin)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
             for t in timesteps:
                 timestep = t.expand(batch_size).to(latents.dtype)
                 noise_pred = corrector_forward(
                     self.transformer, latents, prompt_embeds, pooled_prompt_embeds, timestep / 1000,
                     latent_image_ids, text_ids, guidance=guidance, condition=cond, cond_ids=cond_ids,
+                    cond_attention=cond_attention, cond_kv=cond_kv,
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 progress_bar.update()

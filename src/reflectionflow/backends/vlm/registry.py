@@ -59,3 +59,18 @@ def clip_score(**options):
     from .local import CLIPScoreVerifier
 
     return CLIPScoreVerifier(**_local_kwargs(options, "verifier clip"))
+
+
+@register("verifier", "reward", "a Qwen2.5-VL reward model from `reflectionflow train verifier` (normalised score)")
+def reward(**options):
+    from .reward import RewardVerifier
+
+    return RewardVerifier(**_local_kwargs(options, "verifier reward"))
+
+
+@register("reflector", "local", "edit commands from a local Qwen2.5-VL (`reflectionflow train reflector` output)")
+def local_reflector(**options):
+    from .reward import LocalReflector
+
+    accepted = ("path", "device", "dtype", "batch_size", "max_new_tokens", "style")
+    return LocalReflector(**_local_kwargs(options, "reflector local", accepted))

@@ -1,8 +1,9 @@
 """The world backend's components, registered by name (components.py imports this package).
 
-Defaults: the trained MMDiT generator and reflection-tuned corrector (`mmdit.py`, weights in
-weights/), the rule refiner, and the oracle verifier and reflector (the exact evaluator and the
-detector: the paper's "oracle verifier" upper bound). The renderer-backed stand-ins
+Defaults: the trained MMDiT generator and reflection-tuned corrector (`mmdit.py`), the learned
+verifier and reflector (`learned.py`; all weights in weights/) and the rule refiner. The oracle
+verifier and reflector (the exact evaluator and the detector: the paper's "oracle verifier" upper
+bound) stay available by name: `--verifier world-oracle --reflector world-oracle`. The renderer-backed stand-ins
 `world-render` and `world-edit` make every path of the engine run on a CPU in milliseconds.
 """
 
@@ -17,8 +18,8 @@ from .simulated import EditCorrector, RenderGenerator
 # What `--backend world` uses when no component name is given.
 DEFAULTS: dict[str, str] = {
     "generator": "world-mmdit",
-    "verifier": "world-oracle",
-    "reflector": "world-oracle",
+    "verifier": "world-learned",
+    "reflector": "world-learned",
     "refiner": "world-rule",
     "corrector": "world-mmdit",
 }
@@ -43,5 +44,5 @@ register("reflector", "world-oracle", "edit commands from the detector versus th
 register("refiner", "world-rule", "restates a world prompt explicitly, stressing what the reflection fixes")(
     _plain(RuleRefiner, "refiner world-rule"))
 
-# Registering: generator world-mmdit, correctors world-mmdit and world-mmdit-kv; verifier world-learned.
+# Registering: generator world-mmdit, correctors world-mmdit and world-mmdit-kv; verifier and reflector world-learned.
 from . import learned, mmdit  # noqa: E402,F401

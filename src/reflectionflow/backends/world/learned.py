@@ -26,12 +26,13 @@ TRAIN_VERIFIER_HINT = "train it with `reflectionflow train world-verifier --out 
 
 @dataclass
 class LearnedVerifierOptions:
-    weights: str = str(DEFAULT_VERIFIER)  # a folder with model.safetensors + config.json
+    weights: str = ""  # a folder with model.safetensors + config.json ("": weights/world-verifier)
     threshold: float = 0.5  # P(yes) above this is a yes
     batch_size: int = 512
     device: str = "auto"
 
     def check(self, who: str) -> None:
+        self.weights = self.weights or str(DEFAULT_VERIFIER)
         if not 0.0 < float(self.threshold) < 1.0:
             raise ComponentError(f"{who}: option threshold must be in (0, 1), got {self.threshold!r}")
         if not (Path(self.weights) / "model.safetensors").is_file():
@@ -63,11 +64,12 @@ class LearnedVerifier(Verifier):
 
 @dataclass
 class LearnedReflectorOptions:
-    weights: str = str(DEFAULT_REFLECTOR)  # a folder with model.safetensors + config.json
+    weights: str = ""  # a folder with model.safetensors + config.json ("": weights/world-reflector)
     batch_size: int = 256
     device: str = "auto"
 
     def check(self, who: str) -> None:
+        self.weights = self.weights or str(DEFAULT_REFLECTOR)
         if not (Path(self.weights) / "model.safetensors").is_file():
             raise ComponentError(f"{who}: no weights in {self.weights}; train it with `reflectionflow train "
                                  f"world-reflector --out RUN` and copy RUN/reflector there (or pass the folder "

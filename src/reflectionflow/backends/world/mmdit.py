@@ -9,6 +9,9 @@ world-corrector` (OminiControl layout, REFERENCE.md section 3): the previous ima
 condition tokens beside the target grid and the text is `prompt + " [Reflexion]: " + reflection`.
 With `cond_attention="causal_kv"` (weights/world-corrector-kv) the condition tokens' keys and
 values are computed once per image and reused at every step (`MMDiT.encode_condition`).
+With `strength` < 1 (default 1: from pure noise, as trained) a correction starts from the previous
+image noised to the Euler grid's time at step (1 - strength) x steps and runs only the remaining
+steps: fewer model calls per correction, a different algorithm (docs/speed.md).
 
 On disk a corrector is a folder with `lora.safetensors` (fp16 adapter weights only, its config
 in the metadata) and `corrector.json` (LoRA settings, condition attention, the base generator's
@@ -223,6 +226,13 @@ class CorrectorOptions(SamplerOptions):
     generator: str | None = None  # the base generator folder; None: weights/world-generator
     batch_size: int = 128
     cache_cond: bool = True  # causal_kv: condition keys/values once per image, not once per step
+    strength: float = 1.0  # < 1: start from the previous image partly noised, run that share of the steps
+
+    def check(self, who: str) -> None:
+        super().check(who)
+        v = self.strength
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+            raise ComponentError(f"{who}: option strength must be a number in (0, 1], got {v!r}")
 
 
 def _cuda_available() -> bool:
@@ -269,18 +279,53 @@ class _Sampler:
         return torch.from_numpy(arr.copy())
 
     def sample(self, noise: torch.Tensor, texts: list[str], cond: torch.Tensor | None = None,
-               cache_cond: bool = True) -> tuple[np.ndarray, int]:
-        """(B, H, W, 3) uint8 images and NFE per image."""
+               cache_cond: bool = True, strength: float = 1.0) -> tuple[np.ndarray, int]:
+        """(B, H, W, 3) uint8 images and NFE per image. `strength` < 1 starts from `cond` (the
+        previous image, model space) noised to the grid's time at step (1 - strength) x steps."""
         import torch
 
         from ...train.loop import to_uint8
 
         text = self.model.tokenizer(texts).to(self.device)
+        cond = None if cond is None else cond.to(self.device)
         with torch.no_grad(), self.autocast:
-            res = self.flow.sample(noise.to(self.device), text, cond=None if cond is None else cond.to(self.device),
-                                   steps=self.opt.steps, cfg=float(self.opt.guidance), shift=float(self.opt.shift),
-                                   cache_cond=cache_cond)
+            if strength < 1.0:
+                return self._partial(noise.to(self.device), text, cond, cache_cond, strength)
+            res = self.flow.sample(noise.to(self.device), text, cond=cond, steps=self.opt.steps,
+                                   cfg=float(self.opt.guidance), shift=float(self.opt.shift), cache_cond=cache_cond)
         return to_uint8(res.images).numpy(), res.nfe
+
+    def _partial(self, noise, text, cond, cache_cond: bool, strength: float) -> tuple[np.ndarray, int]:
+        """`RectifiedFlow.sample`'s CFG Euler on the tail of its time grid, from the noised condition."""
+        import torch
+
+        from ...models.flow import euler, time_grid
+        from ...train.loop import to_uint8
+
+        if cond is None:
+            raise ValueError("strength < 1 starts from the previous image: a condition image is needed")
+        model, cfg = self.model, float(self.opt.guidance)
+        steps = self.opt.steps
+        grid = time_grid(steps, float(self.opt.shift), device=noise.device)
+        begin = steps - max(1, round(steps * strength))
+        t0 = grid[begin]
+        x = (1 - t0) * cond.float() + t0 * noise  # the path point x_t0 = (1 - t) x0 + t eps
+        guided = cfg != 1.0
+        B = noise.shape[0]
+        null = self.flow.null_text.to(text.device)
+        feats = model.encode_text(torch.cat([text, null[None].expand(B, -1)]) if guided else text)
+        conds = torch.cat([cond, cond]) if guided else cond
+        if cache_cond and model.config.cond_attention == "causal_kv":
+            conds = model.encode_condition(conds, feats)
+
+        def velocity(xt, t):
+            if not guided:
+                return model(xt, t, feats, conds)
+            v_text, v_null = model(torch.cat([xt, xt]), torch.cat([t, t]), feats, conds).chunk(2)
+            return v_null + cfg * (v_text - v_null)
+
+        x = euler(velocity, x, grid[begin:])
+        return to_uint8(x).numpy(), (steps - begin) * (2 if guided else 1)
 
 
 def _chunks(items: Sequence, n: int):
@@ -357,7 +402,8 @@ class MMDiTCorrector(Corrector):
             cond = to_model_space(torch.stack([self._condition(r.image, start + i) for i, r in enumerate(chunk)]))
             noise = torch.stack([seed_noise(r.seed, self.model.config) for r in chunk])  # (B, C, H, W)
             texts = [corrector_text(r.prompt, r.reflection or "", tok) for r in chunk]
-            images, nfe = self.sampler.sample(noise, texts, cond, cache_cond=self.opt.cache_cond)
+            images, nfe = self.sampler.sample(noise, texts, cond, cache_cond=self.opt.cache_cond,
+                                              strength=float(self.opt.strength))
             out += [GenerationResult(image=img, nfe=nfe, noise=z.numpy()) for img, z in zip(images, noise)]
         return out
 

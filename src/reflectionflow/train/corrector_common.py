@@ -1,0 +1,644 @@
+"""The reflection corrector's trainer, one code path for both scales (REFERENCE.md section 3).
+
+A corrector is a flow-matching model that sees the previous image as condition tokens and the text
+`prompt + " [Reflexion]: " + reflection`, with a LoRA on its condition branch. Two model families
+sit behind one small interface (`CorrectorFamily`): the world's MMDiT (train/corrector.py,
+`WorldGenRefFamily`) and FLUX.1 in the OminiControl layout (train/flux_corrector.py). Everything
+else is shared and lives here:
+
+- data: GenRef shards through `data.genref.GenRefReader` (one pass per epoch, the subset mix of the
+  step, exact resume), text / image / reflection dropout (10% each by default);
+- loss: flow matching, t = sigmoid(N(0, 1)), x_t = (1 - t) x0 + t eps, target eps - x0, MSE
+  (models/flow.py's path and loss functions), per-sample losses logged per subset and t-bin;
+- the loop: `accelerate` (one process, or several GPUs and nodes under `accelerate launch`),
+  AdamW or Prodigy, warm-up then constant or cosine lr, gradient clipping, bf16 autocast;
+- checkpoints written atomically, holding everything exact resume needs: adapters, optimizer,
+  lr scheduler, step, every process's RNG states and GenRef reader position, and the config;
+- validation every `val_every` steps: a fixed set of GenRef samples corrected with the current
+  adapters and scored by any registered verifier.
+
+Run folder:
+    OUT/train_config.json         the resolved config
+    OUT/log.jsonl                 loss (mean, per subset, per t-bin), lr, images/s, memory
+    OUT/val.jsonl                 per validation: verifier score of the corrected images, and of
+                                  the condition ("before") and target images as reference
+    OUT/val/step_*.png            (condition | correction | target) rows
+    OUT/checkpoint/               adapters.safetensors (fp32), optimizer.pt, scheduler.pt,
+                                  state.json (step, config), rank_<r>.pt (RNG + reader state)
+    OUT/lora/                     the shippable adapters (the family's format), with every checkpoint
+    OUT/tensorboard/              when tensorboard is installed (else log.jsonl only)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import shutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+OPTIMIZERS = ("adamw", "prodigy")
+LR_SCHEDULES = ("constant", "cosine")
+TRACKERS = ("tensorboard", "wandb")
+LOSS_BINS = 10
+# Fields a resumed run may change; any other difference means another experiment.
+RESUMABLE_CHANGES = frozenset({"out_dir", "max_steps", "max_minutes", "log_every", "ckpt_every", "val_every",
+                               "val_size", "val_steps", "val_guidance", "val_verifier", "val_verifier_options",
+                               "val_genref", "trackers", "resume", "progress", "log_keys", "device"})
+
+
+def _original_mix() -> dict:
+    from ..data.genref import MixSchedule
+
+    return MixSchedule().to_dict()
+
+
+@dataclass
+class CorrectorTrainConfig:
+    """What every corrector run sets; a family's config adds its model fields."""
+
+    out_dir: str = "runs/corrector"
+    genref: str = ""  # GenRef shards: a folder, a glob, a brace pattern (genref_{0..208}.tar) or a URL list
+    mix: dict = field(default_factory=_original_mix)  # {"stages": [...], "ratios": {subset: [...]}}
+    buffer_size: int = 256  # encoded samples held per subset (the sample-level shuffle)
+    batch_size: int = 8  # per process (the original: 8 per GPU on 8 GPUs)
+    max_steps: int = 20_000
+    max_minutes: float | None = None  # wall-clock stop; a checkpoint is written there
+    optimizer: str = "prodigy"  # the original's (lr 1); adamw needs an lr like 1e-4
+    lr: float = 1.0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_clip: float = 0.5  # the original's
+    lora_rank: int = 32  # the released config (the paper's text says 256)
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = ()  # empty: the family's defaults (the released corrector's layers)
+    text_dropout: float = 0.1
+    image_dropout: float = 0.1
+    reflection_dropout: float = 0.1
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    bf16: bool = True  # base weights in bf16 and autocast on CUDA; the CPU runs fp32
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    device: str = "auto"  # a single process's device; under accelerate launch each process takes its own
+    log_every: int = 10
+    ckpt_every: int = 1000
+    val_every: int = 1000
+    val_size: int = 8  # validation samples (0: no validation)
+    val_genref: str | None = None  # None: the first val_size readable samples of `genref`
+    val_verifier: str = ""  # a registered verifier name; empty: the family's default
+    val_verifier_options: dict = field(default_factory=dict)
+    val_steps: int = 28
+    val_guidance: float = 3.5
+    trackers: tuple[str, ...] = ("tensorboard",)  # log.jsonl is always written
+    log_keys: bool = False  # record every step's sample keys in log.jsonl (data-order audits)
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> CorrectorTrainConfig:
+        """Cheap checks only (no weights): the values, the shards' names, the verifier's name."""
+        from ..components import check_name
+        from ..data.genref import MixSchedule
+        from ..data.shards import resolve_shards
+
+        for name in ("batch_size", "max_steps", "log_every", "ckpt_every", "val_every", "val_steps",
+                     "buffer_size", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "val_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+            raise ValueError("optimizer 'prodigy' needs the prodigyopt package (pip install prodigyopt); "
+                             "or pass optimizer adamw with an lr like 1e-4")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r}; accepted: {', '.join(LR_SCHEDULES)}")
+        if self.lr <= 0 or self.lora_alpha <= 0:
+            raise ValueError(f"lr and lora_alpha must be > 0, got {self.lr} and {self.lora_alpha}")
+        for name in ("text_dropout", "image_dropout", "reflection_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        self.trackers = tuple(self.trackers)
+        bad = [t for t in self.trackers if t not in TRACKERS]
+        if bad:
+            raise ValueError(f"trackers {bad}; accepted: {', '.join(TRACKERS)} (log.jsonl is always written)")
+        if "wandb" in self.trackers and importlib.util.find_spec("wandb") is None:
+            raise ValueError("tracker 'wandb' needs the wandb package (pip install wandb)")
+        self.lora_targets = tuple(self.lora_targets)
+        self.betas = tuple(self.betas)
+        if not self.genref:
+            raise ValueError("genref: no GenRef shards given (a folder, glob or brace pattern of .tar shards)")
+        resolve_shards(self.genref)  # a ShardError (ValueError) names what is missing
+        if self.val_genref:
+            resolve_shards(self.val_genref)
+        MixSchedule.from_dict(self.mix)  # a GenRefError (ValueError) names the bad subset or stage
+        if self.val_size and self.val_verifier:
+            check_name("verifier", self.val_verifier)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: GenRef triplets -> batches with the three dropouts
+
+
+@dataclass
+class CorrectorBatch:
+    """One step's samples (this process's share). Dropped parts are empty or None."""
+
+    good: list[np.ndarray]  # targets, (H, W, 3) uint8
+    bad: list[np.ndarray | None]  # conditions; None: image dropped (the family draws its blank)
+    prompts: list[str]  # "" where the text was dropped
+    reflections: list[str]  # "" where the reflection (or the whole text) was dropped
+    subsets: list[str]
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.good)
+
+
+class GenRefBatches:
+    """Batch `step` = the reader's next `batch_size` draws under the step's subset mix, plus dropout
+    flags drawn from (seed, step, rank). Resumable through `state_dict` (the reader's position)."""
+
+    def __init__(self, cfg: CorrectorTrainConfig, rank: int = 0, world_size: int = 1):
+        from ..data.genref import GenRefReader, MixSchedule
+
+        self.cfg, self.rank = cfg, rank
+        self.reader = GenRefReader(cfg.genref, seed=cfg.seed, buffer_size=cfg.buffer_size,
+                                   mix=MixSchedule.from_dict(cfg.mix), samples_per_step=cfg.batch_size,
+                                   rank=rank, world_size=world_size)
+
+    def batch(self, step: int) -> CorrectorBatch:
+        cfg, B = self.cfg, self.cfg.batch_size
+        samples = [self.reader.draw(step) for _ in range(B)]
+        rng = np.random.default_rng([cfg.seed, step, self.rank, 11])
+        drop_text = rng.random(B) < cfg.text_dropout
+        drop_image = rng.random(B) < cfg.image_dropout
+        drop_reflection = rng.random(B) < cfg.reflection_dropout
+        return CorrectorBatch(
+            good=[s.good for s in samples],
+            bad=[None if drop_image[i] else s.bad for i, s in enumerate(samples)],
+            prompts=["" if drop_text[i] else s.prompt for i, s in enumerate(samples)],
+            reflections=["" if drop_text[i] or drop_reflection[i] else s.reflection for i, s in enumerate(samples)],
+            subsets=[s.subset for s in samples],
+            keys=[s.key for s in samples],
+        )
+
+    def state_dict(self) -> dict:
+        return self.reader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reader.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model family interface
+
+
+class CorrectorFamily(ABC):
+    """A corrector model family: `module(x_t, t, inputs) -> velocity` holds the trainable adapters.
+
+    `encode` turns a batch into the flow's data `x0` and the module's other inputs (no gradient:
+    VAE, text encoders, tokenizers); `correct` edits images with the current adapters; `save_adapters`
+    writes the shippable LoRA in the family's inference format.
+    """
+
+    module: nn.Module
+    default_verifier: str = ""
+
+    @abstractmethod
+    def encode(self, batch: CorrectorBatch, device: torch.device) -> tuple[torch.Tensor, dict]: ...
+
+    @abstractmethod
+    def correct(self, images: Sequence[np.ndarray], prompts: Sequence[str], reflections: Sequence[str],
+                seeds: Sequence[int]) -> list[np.ndarray]: ...
+
+    @abstractmethod
+    def save_adapters(self, folder: Path, info: dict) -> Path: ...
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def make_optimizer(cfg: CorrectorTrainConfig, params: list[nn.Parameter], device: torch.device):
+    if cfg.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        # The original's settings (OminiControl's train config).
+        return Prodigy(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                       use_bias_correction=True, safeguard_warmup=True)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def lr_factor(cfg: CorrectorTrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + 12_345) % (2**63 - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_resumable(cfg: CorrectorTrainConfig) -> None:
+    """Refuse to resume a checkpoint trained with other settings (before any weights load)."""
+    state_file = Path(cfg.out_dir) / "checkpoint" / "state.json"
+    if not state_file.is_file():
+        return
+    saved = json.loads(state_file.read_text())["config"]
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as saved
+    differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if differ:
+        raise ValueError(f"{cfg.out_dir}: the checkpoint was trained with other {', '.join(differ)}; resume with "
+                         "the same settings or start a new out_dir")
+
+
+def _trim_jsonl(path: Path, step: int) -> None:
+    """On resume, drop lines written after the checkpoint (they will be written again)."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+class Checkpointer:
+    """OUT/checkpoint, written as OUT/checkpoint.tmp by every process and renamed by the main one."""
+
+    def __init__(self, cfg: CorrectorTrainConfig, accelerator):
+        self.cfg, self.acc, self.out = cfg, accelerator, Path(cfg.out_dir)
+
+    def save(self, step: int, family: CorrectorFamily, opt, sched, batches: GenRefBatches) -> None:
+        from safetensors.torch import save_file
+
+        acc = self.acc
+        tmp, final, old = self.out / "checkpoint.tmp", self.out / "checkpoint", self.out / "checkpoint.old"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save({"rng": _rng_state(), "reader": batches.state_dict()}, tmp / f"rank_{acc.process_index}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {k: v.detach().float().cpu().contiguous() for k, v in family.trainable().items()}
+            save_file(state, str(tmp / "adapters.safetensors"), metadata={"step": str(step)})
+            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            torch.save(sched.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": acc.num_processes,
+                                                        "config": self.cfg.to_dict()}, indent=1))
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+            family.save_adapters(self.out / "lora", {"step": step, "train_config": self.cfg.to_dict()})
+        acc.wait_for_everyone()
+
+    def load(self, family: CorrectorFamily, opt, sched, batches: GenRefBatches) -> int:
+        from safetensors.torch import load_file
+
+        ck = self.out / "checkpoint"
+        state = json.loads((ck / "state.json").read_text())
+        if state["world_size"] != self.acc.num_processes:
+            raise ValueError(f"{ck}: saved by {state['world_size']} process(es), resumed by {self.acc.num_processes}; "
+                             "exact resume needs the same number (each process holds its own reader position)")
+        params = family.trainable()
+        saved = load_file(str(ck / "adapters.safetensors"))
+        if set(saved) != set(params):
+            raise ValueError(f"{ck}/adapters.safetensors does not fit this model's adapters "
+                             f"(e.g. {sorted(set(saved) ^ set(params))[:2]})")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name].to(p.dtype))
+        opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=False))
+        sched.load_state_dict(torch.load(ck / "scheduler.pt", map_location="cpu", weights_only=False))
+        mine = torch.load(ck / f"rank_{self.acc.process_index}.pt", map_location="cpu", weights_only=False)
+        batches.load_state_dict(mine["reader"])
+        _set_rng_state(mine["rng"])
+        return int(state["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging
+
+
+class Trackers:
+    """log.jsonl always; tensorboard when installed and asked for; wandb when asked for (validated)."""
+
+    def __init__(self, cfg: CorrectorTrainConfig, is_main: bool, name: str):
+        self.out, self.is_main, self.notes = Path(cfg.out_dir), is_main, []
+        self.tb = self.wandb = None
+        if not is_main:
+            return
+        if "tensorboard" in cfg.trackers:
+            if importlib.util.find_spec("tensorboard") is not None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            else:
+                self.notes.append("tensorboard is not installed: logging to log.jsonl only")
+        if "wandb" in cfg.trackers:
+            import wandb
+
+            self.wandb = wandb.init(project="reflectionflow", name=name, dir=str(self.out), config=cfg.to_dict())
+
+    def log(self, row: dict, file: str = "log.jsonl") -> None:
+        if not self.is_main:
+            return
+        with open(self.out / file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in _flatten(row).items() if isinstance(v, (int, float)) and k != "step"}
+        prefix = file.split(".")[0]
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"{prefix}/{k}", v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+            out.update({f"{prefix}{k}/{i}": x for i, x in enumerate(v)})
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def _grid(rows: list[list[np.ndarray]], path: Path, size: int = 128) -> None:
+    from PIL import Image
+
+    if not rows:
+        return
+    tiles = [[np.asarray(Image.fromarray(im).resize((size, size))) for im in row] for row in rows]
+    canvas = np.concatenate([np.concatenate(r, axis=1) for r in tiles], axis=0)  # (rows*size, cols*size, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(canvas).save(tmp)
+    tmp.replace(path)
+
+
+class CorrectorValidation:
+    """A fixed set of GenRef samples (file order), corrected every `val_every` steps and scored by
+    the configured verifier against the prompt. The condition ("before") and target images are
+    scored once, as the two ends of the scale."""
+
+    def __init__(self, cfg: CorrectorTrainConfig, default_verifier: str, trackers: Trackers):
+        """Built before the model loads, so a verifier option that does not fit fails early."""
+        from itertools import islice
+
+        from ..components import build
+        from ..data.genref import iter_genref
+
+        self.cfg, self.trackers = cfg, trackers
+        self.family: CorrectorFamily | None = None  # set once the model is loaded
+        self.samples = list(islice(iter_genref(cfg.val_genref or cfg.genref), cfg.val_size))
+        self.verifier_name = name = cfg.val_verifier or default_verifier
+        self.verifier = build("verifier", name, **cfg.val_verifier_options) if self.samples and name else None
+        self.reference: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples) if self.verifier is not None else 0
+
+    def _score(self, images: Sequence[np.ndarray]) -> dict:
+        verdicts = self.verifier.score(list(images), [s.prompt for s in self.samples])
+        out = {"score": round(float(np.mean([v.score for v in verdicts])), 5)}
+        yes = [v.yes for v in verdicts if v.yes is not None]
+        if yes:
+            out["yes"] = round(float(np.mean(yes)), 4)
+        return out
+
+    def __call__(self, step: int) -> dict:
+        s = self.samples
+        if self.reference is None:
+            self.reference = {"before": self._score([x.bad for x in s]), "target": self._score([x.good for x in s])}
+        t0 = time.perf_counter()
+        seeds = [1_000_000 + i for i in range(len(s))]  # fixed: the same noise at every validation
+        images = self.family.correct([x.bad for x in s], [x.prompt for x in s], [x.reflection for x in s], seeds)
+        row = {"step": step, "corrected": self._score(images), **self.reference,
+               "verifier": self.verifier_name, "samples": len(s),
+               "seconds": round(time.perf_counter() - t0, 2)}
+        _trim_jsonl(Path(self.cfg.out_dir) / "val.jsonl", step - 1)
+        self.trackers.log(row, "val.jsonl")
+        _grid([[x.bad, im, x.good] for x, im in zip(s[:8], images)],
+              Path(self.cfg.out_dir) / "val" / f"step_{step:06d}.png")
+        return row
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class CorrectorTrainResult:
+    step: int
+    minutes: float
+    losses: list[float]  # the logged mean losses of this call, in order
+    validation: dict | None  # the last validation row
+
+
+def train_corrector(cfg: CorrectorTrainConfig, family_cls: type[CorrectorFamily], family_kwargs: dict | None = None,
+                    name: str = "corrector", stop_after: int | None = None) -> CorrectorTrainResult:
+    """Train the adapters of `family_cls(**family_kwargs, device=...)` on GenRef; `stop_after` ends
+    this call after that many steps (checkpoint written), as a preempted job would."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from tqdm import tqdm
+
+    from ..models.flow import logit_normal, loss_by_bin, path_sample, per_sample_mse
+
+    cfg.validate()
+    check_resumable(cfg)
+    out = Path(cfg.out_dir)
+    if (out / "checkpoint").exists() and not cfg.resume:
+        raise ValueError(f"{out} already holds a checkpoint; pass resume=True (--resume) to continue it or pick "
+                         "another out_dir")
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if cuda and cfg.device.startswith("cuda:"):  # a single process on a chosen GPU (accelerate takes the current one)
+        torch.cuda.set_device(torch.device(cfg.device))
+    # The last single block's condition outputs are dropped, so its condition-only adapters (to_q,
+    # proj_mlp, proj_out) never get a gradient: DDP must be told that some parameters go unused.
+    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cfg.bf16 and cuda else "no",
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    dev = acc.device
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    trackers = Trackers(cfg, acc.is_main_process, name)
+    validation = (CorrectorValidation(cfg, family_cls.default_verifier, trackers)
+                  if cfg.val_size and acc.is_main_process else None)
+    torch.manual_seed(cfg.seed)  # the adapters' initialisation: the same on every process
+    family = family_cls(**(family_kwargs or {}), device=dev)
+    if validation is not None:
+        validation.family = family
+    params = family.trainable()
+    if not params:
+        raise ValueError("the model has no trainable adapter parameters")
+    opt = make_optimizer(cfg, list(params.values()), dev)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
+    module, opt = acc.prepare(family.module, opt)  # DDP over the adapters' gradients when launched on several
+    batches = GenRefBatches(cfg, acc.process_index, acc.num_processes)
+    ckpt = Checkpointer(cfg, acc)
+    step = 0
+    if cfg.resume and (out / "checkpoint").exists():
+        step = ckpt.load(family, opt, sched, batches)
+    for note in trackers.notes:
+        acc.print(note)
+    if acc.is_main_process:
+        _trim_jsonl(out / "log.jsonl", step)
+        _trim_jsonl(out / "val.jsonl", step)
+    from ..data.genref import SUBSETS
+
+    gen = torch.Generator(device=dev)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {name}", unit="step",
+               disable=not (cfg.progress and acc.is_main_process))
+    acc_loss = torch.zeros((), device=dev)
+    acc_bins, acc_counts = torch.zeros(LOSS_BINS, device=dev), torch.zeros(LOSS_BINS, device=dev)
+    acc_sub = torch.zeros(2, len(SUBSETS), device=dev)
+    acc_n, keys, losses, last_val, paused = 0, [], [], None, 0.0
+    t_start = t_log = time.perf_counter()
+    done_here = 0
+
+    def minutes() -> float:
+        return (time.perf_counter() - t_start - paused) / 60
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    module.train()
+    while step < cfg.max_steps and (cfg.max_minutes is None or minutes() < cfg.max_minutes) \
+            and (stop_after is None or done_here < stop_after):
+        batch = batches.batch(step)
+        with torch.no_grad():
+            x0, inputs = family.encode(batch, dev)  # x0: (B, ...) the family's data space
+        gen.manual_seed(step_seed(cfg.seed, step, acc.process_index))
+        t = logit_normal(len(batch), cfg.t_mean, cfg.t_std, device=dev, generator=gen)  # (B,)
+        eps = torch.randn(x0.shape, device=dev, generator=gen, dtype=x0.dtype)
+        path = path_sample(x0, eps, t)
+        with acc.autocast():
+            v = module(path.x_t, t, inputs)
+        per = per_sample_mse(v.float(), path.target.float())  # (B,)
+        loss = per.mean()
+        acc.backward(loss)
+        if cfg.grad_clip > 0:
+            acc.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        done_here += 1
+        bar.update(1)
+        s, c = loss_by_bin(t, per.detach(), LOSS_BINS)
+        acc_loss += loss.detach()
+        acc_bins += s
+        acc_counts += c
+        sub = torch.tensor([SUBSETS.index(x) for x in batch.subsets], device=dev)
+        acc_sub[0].index_add_(0, sub, per.detach())
+        acc_sub[1].index_add_(0, sub, torch.ones_like(per))
+        acc_n += 1
+        if cfg.log_keys:
+            keys.append(acc.gather_for_metrics(batch.keys, use_gather_object=True) if acc.num_processes > 1
+                        else list(batch.keys))
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            totals = acc.reduce(torch.cat([acc_loss[None] / acc_n, acc_bins, acc_counts, acc_sub.flatten()]), "sum")
+            mean_loss = totals[0].item() / acc.num_processes  # the one host sync per interval
+            bins, counts = totals[1 : 1 + LOSS_BINS], totals[1 + LOSS_BINS : 1 + 2 * LOSS_BINS]
+            sub_sum, sub_n = totals[1 + 2 * LOSS_BINS :].view(2, len(SUBSETS))
+            now = time.perf_counter()
+            row = {"step": step, "loss": round(mean_loss, 6), "lr": sched.get_last_lr()[0],
+                   "img_per_s": round(acc_n * cfg.batch_size * acc.num_processes / (now - t_log), 2),
+                   "loss_by_t_bin": [round(x, 5) for x in (bins / counts.clamp(min=1)).tolist()],
+                   "loss_by_subset": {n: round(x, 5) for n, x, k in
+                                      zip(SUBSETS, (sub_sum / sub_n.clamp(min=1)).tolist(), sub_n.tolist()) if k},
+                   "train_minutes": round(minutes(), 3)}
+            if cuda:
+                row["peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+            if cfg.log_keys:
+                row["keys"] = keys
+            trackers.log(row)
+            losses.append(mean_loss)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            acc_loss.zero_(), acc_bins.zero_(), acc_counts.zero_(), acc_sub.zero_()
+            acc_n, keys, t_log = 0, [], now
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            ckpt.save(step, family, opt, sched, batches)
+        if step % cfg.val_every == 0 or step == cfg.max_steps:
+            t0 = time.perf_counter()
+            if validation is not None and len(validation):
+                module.eval()
+                last_val = validation(step)
+                module.train()
+                if cfg.progress:
+                    acc.print(f"step {step}: validation {json.dumps(last_val['corrected'])} "
+                              f"(before {json.dumps(last_val['before'])})")
+            acc.wait_for_everyone()
+            paused += time.perf_counter() - t0
+            t_log += time.perf_counter() - t0
+    bar.close()
+    if step % cfg.ckpt_every and step != cfg.max_steps:  # stopped by the clock or stop_after
+        ckpt.save(step, family, opt, sched, batches)
+    trackers.close()
+    acc.end_training()
+    return CorrectorTrainResult(step=step, minutes=minutes(), losses=losses, validation=last_val)
