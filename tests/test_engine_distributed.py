@@ -369,8 +369,9 @@ def test_one_judge_server_shared_by_every_process(tmp_path):
         config = json.loads(conf.read_text())
         run(ref, prompts, budget=4, **config)
         out = tmp_path / "two"
-        res = subprocess.run(_launch(2, tmp_path, "--prompts", prompts, "--config", conf, "--budget", "4", "--out", out,
-                                     "--quiet", judges=False), capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+        argv = ["--prompts", prompts, "--config", conf, "--budget", "4", "--out", out, "--quiet"]
+        res = subprocess.run(_launch(2, tmp_path, *argv, judges=False), capture_output=True, text=True,
+                             env=_env(tmp_path), timeout=120)
         assert res.returncode == 0, res.stderr[-3000:]
     finally:
         server.terminate()
