@@ -26,7 +26,7 @@ from ..world.commands import format_reflection, parse_reflection
 from ..world.detect import detect
 from .judges import run_judge_loop, start_judge_run
 from .loop import StepBatches, TrainConfig
-from .verifier import build_pool, check_pool_models, flawed_render
+from .verifier import build_pool, check_judge_data, flawed_render
 from .world import DEFAULT_TAG_WEIGHTS, TRAIN_SEED_FLOOR, load_prompt_file, spread
 
 
@@ -51,18 +51,7 @@ class WorldReflectorConfig(TrainConfig):
 
     def validate(self) -> WorldReflectorConfig:
         super().validate()
-        if self.model_size not in SIZES:
-            raise ValueError(f"model_size {self.model_size!r}; accepted: {', '.join(SIZES)}")
-        for name in ("p_flaw", "generator_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.pool_size < 1:
-            raise ValueError("pool_size must be >= 1")
-        check_pool_models(self.generator, self.corrector)
-        bad = sorted(set(self.tag_weights) - set(spec.TAGS))
-        if bad or any(w < 0 for w in self.tag_weights.values()) or sum(self.tag_weights.values()) <= 0:
-            raise ValueError(f"tag_weights: categories of {', '.join(spec.TAGS)} with weights >= 0 and a "
-                             f"positive sum, got {self.tag_weights}")
+        check_judge_data(self, SIZES)
         return self
 
 

@@ -57,19 +57,24 @@ class WorldVerifierConfig(TrainConfig):
 
     def validate(self) -> WorldVerifierConfig:
         super().validate()
-        if self.model_size not in SIZES:
-            raise ValueError(f"model_size {self.model_size!r}; accepted: {', '.join(SIZES)}")
-        for name in ("p_flaw", "generator_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        check_pool_models(self.generator, self.corrector)
-        bad = sorted(set(self.tag_weights) - set(spec.TAGS))
-        if bad or any(w < 0 for w in self.tag_weights.values()) or sum(self.tag_weights.values()) <= 0:
-            raise ValueError(f"tag_weights: categories of {', '.join(spec.TAGS)} with weights >= 0 and a "
-                             f"positive sum, got {self.tag_weights}")
-        if self.pool_size < 1 or self.val_size < 0:
-            raise ValueError("pool_size must be >= 1 and val_size >= 0")
+        check_judge_data(self, SIZES)
         return self
+
+
+def check_judge_data(cfg, sizes) -> None:
+    """The checks the world judges' configs share: model size, data mix, the generator pool."""
+    if cfg.model_size not in sizes:
+        raise ValueError(f"model_size {cfg.model_size!r}; accepted: {', '.join(sizes)}")
+    for name in ("p_flaw", "generator_share"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+    check_pool_models(cfg.generator, cfg.corrector)
+    bad = sorted(set(cfg.tag_weights) - set(spec.TAGS))
+    if bad or any(w < 0 for w in cfg.tag_weights.values()) or sum(cfg.tag_weights.values()) <= 0:
+        raise ValueError(f"tag_weights: categories of {', '.join(spec.TAGS)} with weights >= 0 and a "
+                         f"positive sum, got {cfg.tag_weights}")
+    if cfg.pool_size < 1 or cfg.val_size < 0:
+        raise ValueError("pool_size must be >= 1 and val_size >= 0")
 
 
 def check_pool_models(generator: str | None, corrector: str | None) -> None:
