@@ -579,3 +579,25 @@ def reduce_sums(acc, values: list[float]) -> list[float]:
 
 def finite_or_nan(x: float) -> float:
     return x if math.isfinite(x) else float("nan")
+
+
+def data_sources(cfg, maker, read_lines: Callable[[str, str], list[dict]]):
+    """(make_source(rank, world), held-out examples, their skips) for either trainer: a JSONL file
+    (`read_lines(path, flag)` reads and checks its lines) or GenRef shards; the held-out part is
+    `--val-data` when given, else `val_size` items split off the training data."""
+    if cfg.data_format == "jsonl":
+        items = read_lines(cfg.data, "--data")
+        if cfg.val_data:
+            train, held = items, read_lines(cfg.val_data, "--val-data")[: cfg.val_size]
+        else:
+            train, held = split_items(items, cfg.val_size, cfg.seed)
+        val, val_skipped = jsonl_examples(held, maker.from_jsonl)
+        return (lambda rank, world: JsonlSource(train, maker.from_jsonl, cfg.seed, rank, world)), val, val_skipped
+    train_shards, held_shards = genref_split(cfg.data, 0 if cfg.val_data else cfg.val_size)
+    if cfg.val_data:
+        from ..data.shards import resolve_shards
+
+        held_shards = resolve_shards(cfg.val_data)
+    val, val_skipped = genref_examples(held_shards, maker.from_genref, cfg.val_size) if held_shards else ([], {})
+    return (lambda rank, world: GenRefSource(train_shards, maker.from_genref, cfg.seed, cfg.genref_mix,
+                                             cfg.buffer_size, rank, world)), val, val_skipped

@@ -35,20 +35,15 @@ from ..backends.vlm.reward import (
 )
 from ..models import qwen_vl as Q
 from .vlm_common import (
-    GenRefSource,
-    JsonlSource,
     Skip,
     VLMTrainConfig,
     apply_tuning,
-    genref_examples,
-    genref_split,
-    jsonl_examples,
+    data_sources,
     load_image,
     merged,
     read_jsonl,
     reduce_sums,
     run_vlm_loop,
-    split_items,
     start_vlm_run,
     weights_dtype,
 )
@@ -177,25 +172,6 @@ def build_reflector_model(cfg: ReflectorTrainConfig, device: torch.device):
     return apply_tuning(Q.load_qwen_vl(cfg.base, dtype=weights_dtype(cfg, device)), cfg)
 
 
-def _sources(cfg: ReflectorTrainConfig, maker: ExampleMaker):
-    if cfg.data_format == "jsonl":
-        items = cot_lines(cfg.data, "--data")
-        if cfg.val_data:
-            train, held = items, cot_lines(cfg.val_data, "--val-data")[: cfg.val_size]
-        else:
-            train, held = split_items(items, cfg.val_size, cfg.seed)
-        val, val_skipped = jsonl_examples(held, maker.from_jsonl)
-        return (lambda rank, world: JsonlSource(train, maker.from_jsonl, cfg.seed, rank, world)), val, val_skipped
-    train_shards, held_shards = genref_split(cfg.data, 0 if cfg.val_data else cfg.val_size)
-    if cfg.val_data:
-        from ..data.shards import resolve_shards
-
-        held_shards = resolve_shards(cfg.val_data)
-    val, val_skipped = genref_examples(held_shards, maker.from_genref, cfg.val_size) if held_shards else ([], {})
-    return (lambda rank, world: GenRefSource(train_shards, maker.from_genref, cfg.seed, cfg.genref_mix,
-                                             cfg.buffer_size, rank, world)), val, val_skipped
-
-
 def train_reflector(cfg: ReflectorTrainConfig) -> ReflectorTrainResult:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -204,7 +180,7 @@ def train_reflector(cfg: ReflectorTrainConfig) -> ReflectorTrainResult:
     pix = Q.PixelConfig.from_folder(cfg.base, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     image_token_id = Q.image_token_id(AutoConfig.from_pretrained(cfg.base))
     maker = ExampleMaker(tok, pix, cfg)
-    make_source, val_examples, val_skipped = _sources(cfg, maker)
+    make_source, val_examples, val_skipped = data_sources(cfg, maker, cot_lines)
     run = start_vlm_run(cfg, lambda dev: build_reflector_model(cfg, dev), make_source)
     acc = run.acc
 

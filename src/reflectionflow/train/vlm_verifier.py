@@ -32,20 +32,15 @@ import torch.nn.functional as F
 
 from ..models import qwen_vl as Q
 from .vlm_common import (
-    GenRefSource,
-    JsonlSource,
     Skip,
     VLMTrainConfig,
     apply_tuning,
-    genref_examples,
-    genref_split,
-    jsonl_examples,
+    data_sources,
     load_image,
     merged,
     read_jsonl,
     reduce_sums,
     run_vlm_loop,
-    split_items,
     start_vlm_run,
     weights_dtype,
 )
@@ -210,26 +205,6 @@ def build_reward_model(cfg: VerifierTrainConfig, device: torch.device) -> Q.Rewa
     return model
 
 
-def _sources(cfg: VerifierTrainConfig, maker: PairMaker):
-    """(make_source(rank, world), held-out Pairs, their skips)."""
-    if cfg.data_format == "jsonl":
-        items = pair_lines(cfg.data, "--data")
-        if cfg.val_data:
-            train, held = items, pair_lines(cfg.val_data, "--val-data")[: cfg.val_size]
-        else:
-            train, held = split_items(items, cfg.val_size, cfg.seed)
-        val, val_skipped = jsonl_examples(held, maker.from_jsonl)
-        return (lambda rank, world: JsonlSource(train, maker.from_jsonl, cfg.seed, rank, world)), val, val_skipped
-    train_shards, held_shards = genref_split(cfg.data, 0 if cfg.val_data else cfg.val_size)
-    if cfg.val_data:
-        from ..data.shards import resolve_shards
-
-        held_shards = resolve_shards(cfg.val_data)
-    val, val_skipped = genref_examples(held_shards, maker.from_genref, cfg.val_size) if held_shards else ([], {})
-    return (lambda rank, world: GenRefSource(train_shards, maker.from_genref, cfg.seed, cfg.genref_mix,
-                                             cfg.buffer_size, rank, world)), val, val_skipped
-
-
 @torch.no_grad()
 def rewards(model: Q.RewardModel, tokenizer, pix: Q.PixelConfig, image_token_id: int, images: list,
             prompts: list[str], batch: int) -> torch.Tensor:
@@ -258,7 +233,7 @@ def train_verifier(cfg: VerifierTrainConfig) -> VerifierTrainResult:
     pix = Q.PixelConfig.from_folder(cfg.base, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     image_token_id = Q.image_token_id(_config(cfg.base))
     maker = PairMaker(tok, pix, cfg.max_length)
-    make_source, val_pairs, val_skipped = _sources(cfg, maker)
+    make_source, val_pairs, val_skipped = data_sources(cfg, maker, pair_lines)
     run = start_vlm_run(cfg, lambda dev: build_reward_model(cfg, dev), make_source)
     acc = run.acc
 
