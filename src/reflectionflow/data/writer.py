@@ -104,7 +104,42 @@ def _add_sample(tar: tarfile.TarFile, key: str, members: Mapping[str, bytes]) ->
         tar.addfile(_tar_member(f"{key}.{field_name}", data), io.BytesIO(data))
 
 
-class ShardFile:
+class _WholeFile:
+    """A file written under a temporary name (`.NAME.PID.tmp`) and renamed whole on close, or
+    removed on abort (an exception inside `with`): a reader never sees half of it."""
+
+    path: Path
+    _file: object
+
+    def _close_inner(self) -> None:
+        """What must be written before the file closes (a tar's end blocks)."""
+
+    def close(self) -> Path:
+        if not self._file.closed:
+            self._close_inner()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(_temp_path(self.path), self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._close_inner()
+            self._file.close()
+            _temp_path(self.path).unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ShardFile(_WholeFile):
     """One shard under a name the caller chooses, written whole: the samples go into a temporary
     file of this process (`.NAME.PID.tmp`), which takes the final name only when the shard is
     complete. Several processes can each write their own shards into one folder; the bytes are
@@ -130,29 +165,8 @@ class ShardFile:
         self.keys.append(key)
         return key
 
-    def close(self) -> Path:
-        if not self._file.closed:
-            self._tar.close()
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(_temp_path(self.path), self.path)
-        return self.path
-
-    def abort(self) -> None:
-        if not self._file.closed:
-            self._tar.close()
-            self._file.close()
-            _temp_path(self.path).unlink(missing_ok=True)
-
-    def __enter__(self) -> ShardFile:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+    def _close_inner(self) -> None:
+        self._tar.close()  # the end-of-archive blocks
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
@@ -324,7 +338,7 @@ class CoTRecord:
                    {k: v for k, v in d.items() if k not in COT_FIELDS})
 
 
-class CoTWriter:
+class CoTWriter(_WholeFile):
     """Write CoT records as JSONL; the file appears under its name only once complete."""
 
     def __init__(self, path: str | os.PathLike):
@@ -337,28 +351,6 @@ class CoTWriter:
         record = record if isinstance(record, CoTRecord) else CoTRecord.from_dict(record)
         self._file.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
         self.count += 1
-
-    def close(self) -> Path:
-        if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(_temp_path(self.path), self.path)
-        return self.path
-
-    def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-            _temp_path(self.path).unlink(missing_ok=True)
-
-    def __enter__(self) -> CoTWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def read_cot(path: str | os.PathLike) -> list[CoTRecord]:
