@@ -163,3 +163,17 @@ def test_world_levers_tiny(tmp_path):
     assert names == ["exact", "cached_kv", "corrector_strength_0.5", "combined_0.5"]
     assert set(out["effects"]) == {"cached_kv", "corrector_strength_0.5", "combined_0.5", "fp8"}
     assert out["configs"][2]["nfe_per_image"] == 2  # half of 2 steps, with CFG
+
+
+@pytest.mark.slow
+def test_sharded_run_compares_one_and_two_processes(tmp_path):
+    pytest.importorskip("accelerate")
+    bench = load_benchmark_module("sharded_run")
+    res = bench.main(["--processes", "2", "--limit", "6", "--budget", "4", "--verifiers", "world-oracle",
+                      "--out", str(tmp_path / "s"), "--", "--generator", "world-render", "--corrector", "world-edit",
+                      "--reflector", "world-oracle"])
+    run = res["runs"]["reflection-world-oracle"]
+    # the stand-ins are batch-invariant: the two-process run is the one-process run, byte for byte
+    assert run["images"] == 24 and run["images_identical"] == 24 and run["picks_identical"] == run["prompts"] == 6
+    assert res["points_equal"] == res["points"] == 3
+    assert json.loads((tmp_path / "s" / "sharded.json").read_text())["processes"] == 2
