@@ -1,4 +1,4 @@
-"""Small file helpers shared by every writer: atomic writes, PNG in and out, GenEval layout names."""
+"""Small file helpers: atomic writes, PNG in and out, GenEval layout names, model folders' config.json."""
 
 from __future__ import annotations
 
@@ -56,3 +56,17 @@ def prompt_dir(root: str | os.PathLike, index: int) -> Path:
 
 def sample_name(k: int) -> str:
     return f"{k:04d}.png"
+
+
+def read_model_config(path: str | os.PathLike, flag: str, error: type[Exception] = ValueError) -> tuple[Path, dict]:
+    """(folder, its config.json) of a transformers-style model folder named by `flag`; `error`
+    (a one-line message naming the flag) when the folder or a readable config.json is missing."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise error(f"{flag} {p}: no such folder")
+    try:
+        return p, json.loads((p / "config.json").read_text())
+    except FileNotFoundError:
+        raise error(f"{flag} {p}: no config.json (not a transformers model folder)") from None
+    except ValueError as e:
+        raise error(f"{flag} {p}/config.json: not valid JSON ({e})") from None

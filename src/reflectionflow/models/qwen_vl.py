@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..io import read_model_config
+
 # model_type -> the transformers class with the language-model head
 FAMILIES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -173,15 +175,7 @@ def _takes_token_types(model: nn.Module) -> bool:
 
 def check_qwen_folder(path: str | Path, flag: str, need_weights: bool = True) -> dict:
     """config.json of an accepted family, a tokenizer and preprocessor_config.json; no weights read."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise QwenFolderError(f"{flag} {p}: no such folder")
-    try:
-        config = json.loads((p / "config.json").read_text())
-    except FileNotFoundError:
-        raise QwenFolderError(f"{flag} {p}: no config.json (not a transformers model folder)") from None
-    except ValueError as e:
-        raise QwenFolderError(f"{flag} {p}/config.json: not valid JSON ({e})") from None
+    p, config = read_model_config(path, flag, QwenFolderError)
     if config.get("model_type") not in FAMILIES:
         raise QwenFolderError(f"{flag} {p}: model_type {config.get('model_type')!r} "
                               f"(architectures {config.get('architectures')}); accepted: {', '.join(FAMILIES)}")

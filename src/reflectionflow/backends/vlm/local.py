@@ -7,13 +7,13 @@ their time under the verify stage).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ...components import Verdict, Verifier
+from ...io import read_model_config
 from . import prompts as P
 
 
@@ -23,15 +23,7 @@ class LocalModelError(ValueError):
 
 def check_model_folder(path: str | Path, flag: str, accepted: tuple[str, ...] = ()) -> dict:
     """The folder must hold config.json (of an accepted model_type, if given) and processor files."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise LocalModelError(f"{flag} {p}: no such folder")
-    try:
-        config = json.loads((p / "config.json").read_text())
-    except FileNotFoundError:
-        raise LocalModelError(f"{flag} {p}: no config.json (not a transformers model folder)") from None
-    except ValueError as e:
-        raise LocalModelError(f"{flag} {p}/config.json: not valid JSON ({e})") from None
+    p, config = read_model_config(path, flag, LocalModelError)
     if accepted and config.get("model_type") not in accepted:
         raise LocalModelError(f"{flag} {p}: model_type {config.get('model_type')!r}; expected {' or '.join(accepted)}")
     names = ("preprocessor_config.json", "processor_config.json")
