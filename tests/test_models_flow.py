@@ -85,3 +85,29 @@ def test_cfg_counts_two_nfe_per_step_and_one_without():
     plain = flow.sample(noise, text, steps=5, cfg=1.0)
     assert (guided.nfe, plain.nfe) == (10, 5)
     assert torch.equal(guided.images, noise)
+
+
+def test_partial_start_from_the_condition_runs_the_grid_tail():
+    """strength s: start at x_t0 = (1 - t0) cond + t0 noise, t0 the grid's time at step steps - round(s x steps);
+    a velocity that knows the condition is the data lands on it exactly."""
+
+    class KnowsCond(torch.nn.Module):
+        class config:
+            cond_attention = "full"
+
+        def encode_text(self, ids):
+            return ids
+
+        def forward(self, x, t, text, cond=None):
+            tt = t.view(-1, 1, 1, 1)
+            return (x - cond) / tt  # the straight path's velocity eps - x0, with x0 = cond
+
+    flow = RectifiedFlow(KnowsCond(), null_text=torch.zeros(4, dtype=torch.long))
+    noise, cond = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    text = torch.ones(2, 4, dtype=torch.long)
+    res = flow.sample(noise, text, cond=cond, steps=10, cfg=1.0, strength=0.3)
+    assert res.nfe == 3 and torch.allclose(res.images, cond, atol=1e-5)
+    full = flow.sample(noise, text, cond=cond, steps=10, cfg=1.0)
+    assert full.nfe == 10 and torch.allclose(full.images, cond, atol=1e-5)
+    with pytest.raises(ValueError, match="condition image"):
+        flow.sample(noise, text, steps=10, strength=0.5)

@@ -116,13 +116,17 @@ class RectifiedFlow:
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, text: torch.Tensor, cond: torch.Tensor | None = None,
                steps: int = 20, cfg: float = 3.0, shift: float = 1.0, cache_cond: bool = True,
-               model: nn.Module | None = None) -> SampleResult:
+               model: nn.Module | None = None, strength: float = 1.0) -> SampleResult:
         """Euler from t=1 (noise) to t=0; CFG v = v_null + cfg (v_text - v_null) on a doubled batch.
 
         With a condition image, the unconditional branch drops the text and keeps the image. When
         the model's condition tokens are causal (`cond_attention="causal_kv"`) their keys/values
-        are computed once here and reused at every step (`cache_cond`).
+        are computed once here and reused at every step (`cache_cond`). `strength` < 1 starts from
+        the condition image noised to the grid's time at step (1 - strength) x steps, on the path
+        x_t = (1 - t) cond + t noise, and runs only the remaining steps.
         """
+        if strength < 1.0 and cond is None:
+            raise ValueError("strength < 1 starts from the condition image: a condition image is needed")
         model = self.model if model is None else model
         guided = cfg != 1.0
         B = noise.shape[0]
@@ -140,5 +144,8 @@ class RectifiedFlow:
             v_text, v_null = model(torch.cat([x, x]), torch.cat([t, t]), feats, conds).chunk(2)
             return v_null + cfg * (v_text - v_null)
 
-        x = euler(velocity, noise, time_grid(steps, shift, device=noise.device))
-        return SampleResult(images=x, nfe=steps * (2 if guided else 1))
+        grid = time_grid(steps, shift, device=noise.device)
+        begin = steps - max(1, round(steps * strength)) if strength < 1.0 else 0
+        x = noise if begin == 0 else (1 - grid[begin]) * cond.float() + grid[begin] * noise
+        x = euler(velocity, x, grid[begin:])
+        return SampleResult(images=x, nfe=(steps - begin) * (2 if guided else 1))

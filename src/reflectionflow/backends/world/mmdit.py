@@ -289,43 +289,10 @@ class _Sampler:
         text = self.model.tokenizer(texts).to(self.device)
         cond = None if cond is None else cond.to(self.device)
         with torch.no_grad(), self.autocast:
-            if strength < 1.0:
-                return self._partial(noise.to(self.device), text, cond, cache_cond, strength)
             res = self.flow.sample(noise.to(self.device), text, cond=cond, steps=self.opt.steps,
-                                   cfg=float(self.opt.guidance), shift=float(self.opt.shift), cache_cond=cache_cond)
+                                   cfg=float(self.opt.guidance), shift=float(self.opt.shift), cache_cond=cache_cond,
+                                   strength=strength)
         return to_uint8(res.images).numpy(), res.nfe
-
-    def _partial(self, noise, text, cond, cache_cond: bool, strength: float) -> tuple[np.ndarray, int]:
-        """`RectifiedFlow.sample`'s CFG Euler on the tail of its time grid, from the noised condition."""
-        import torch
-
-        from ...models.flow import euler, time_grid
-        from ...train.loop import to_uint8
-
-        if cond is None:
-            raise ValueError("strength < 1 starts from the previous image: a condition image is needed")
-        model, cfg = self.model, float(self.opt.guidance)
-        steps = self.opt.steps
-        grid = time_grid(steps, float(self.opt.shift), device=noise.device)
-        begin = steps - max(1, round(steps * strength))
-        t0 = grid[begin]
-        x = (1 - t0) * cond.float() + t0 * noise  # the path point x_t0 = (1 - t) x0 + t eps
-        guided = cfg != 1.0
-        B = noise.shape[0]
-        null = self.flow.null_text.to(text.device)
-        feats = model.encode_text(torch.cat([text, null[None].expand(B, -1)]) if guided else text)
-        conds = torch.cat([cond, cond]) if guided else cond
-        if cache_cond and model.config.cond_attention == "causal_kv":
-            conds = model.encode_condition(conds, feats)
-
-        def velocity(xt, t):
-            if not guided:
-                return model(xt, t, feats, conds)
-            v_text, v_null = model(torch.cat([xt, xt]), torch.cat([t, t]), feats, conds).chunk(2)
-            return v_null + cfg * (v_text - v_null)
-
-        x = euler(velocity, x, grid[begin:])
-        return to_uint8(x).numpy(), (steps - begin) * (2 if guided else 1)
 
 
 def _chunks(items: Sequence, n: int):
