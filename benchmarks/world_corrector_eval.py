@@ -26,8 +26,8 @@ import time
 import numpy as np
 
 from reflectionflow.backends.world.mmdit import DEFAULT_GENERATOR, MMDiTCorrector, MMDiTGenerator
-from reflectionflow.components import CorrectionRequest, GenerationRequest
-from reflectionflow.train.corrector_pool import KEEP, default_workers, label_images
+from reflectionflow.components import CorrectionRequest
+from reflectionflow.train.corrector_pool import KEEP, default_workers, generator_samples, label_images
 from reflectionflow.world.data import resolve_prompts
 from reflectionflow.world.evaluate import summarize
 
@@ -108,15 +108,10 @@ def main(argv=None) -> dict:
             p.error(f"--{name} must be >= 1")
 
     metas_all = resolve_prompts(args.prompts)[: args.limit]
-    metas = [m for m in metas_all for _ in range(args.samples)]
-    seeds = list(range(len(metas)))  # prompt index x samples + k
-    first = list(range(0, len(metas), args.samples))
     generator = MMDiTGenerator(weights=args.generator, steps=args.steps, guidance=args.guidance,
                                batch_size=args.batch, device=args.device)
-    t = time.perf_counter()
-    images = np.stack([r.image for r in generator.generate(
-        [GenerationRequest(prompt=m["prompt"], seed=s) for m, s in zip(metas, seeds)])])
-    gen_s = time.perf_counter() - t
+    metas, seeds, images, gen_s = generator_samples(generator, metas_all, args.samples)
+    first = list(range(0, len(metas), args.samples))
     labels = judge(images, metas, seeds, args.workers)
     base = summarize([{"tag": metas[i]["tag"], "correct": labels[i].correct} for i in first])
     results = {"prompts": len(metas_all), "samples_per_prompt": args.samples, "images": len(metas),

@@ -30,8 +30,8 @@ import numpy as np
 from reflectionflow.backends.world.learned import DEFAULT_REFLECTOR, DEFAULT_VERIFIER, LearnedReflector, LearnedVerifier
 from reflectionflow.backends.world.mmdit import DEFAULT_GENERATOR, MMDiTCorrector, MMDiTGenerator
 from reflectionflow.backends.world.simulated import EditCorrector
-from reflectionflow.components import CorrectionRequest, GenerationRequest, ReflectionRequest
-from reflectionflow.train.corrector_pool import KEEP, default_workers, label_images
+from reflectionflow.components import CorrectionRequest, ReflectionRequest
+from reflectionflow.train.corrector_pool import KEEP, default_workers, generator_samples, label_images
 from reflectionflow.train.verifier import labelled_renders
 from reflectionflow.train.world import load_prompt_file
 from reflectionflow.world.commands import parse_reflection
@@ -104,13 +104,10 @@ def main(argv=None) -> dict:
             p.error(f"--{name} must be >= 1")
 
     metas_all = resolve_prompts(args.prompts)[: args.limit]
-    metas = [m for m in metas_all for _ in range(args.samples)]
-    prompts = [m["prompt"] for m in metas]
-    seeds = list(range(len(metas)))
     t0 = time.perf_counter()
     generator = MMDiTGenerator(weights=args.generator, steps=args.steps, batch_size=args.batch, device=args.device)
-    images = np.stack([r.image for r in generator.generate([GenerationRequest(prompt=q, seed=s)
-                                                             for q, s in zip(prompts, seeds)])])
+    metas, seeds, images, _ = generator_samples(generator, metas_all, args.samples)
+    prompts = [m["prompt"] for m in metas]
     labels = label_images(images, metas, seeds, args.workers, with_target=False)
     correct = np.array([lab.correct for lab in labels])
     res: dict = {"prompts": len(metas_all), "samples_per_prompt": args.samples, "images": len(metas),
@@ -144,7 +141,8 @@ def main(argv=None) -> dict:
     res["reflector"] = {"failures": int(len(fails)),
                         "exact_match": round(float(np.mean([same_commands(a, b) for a, b in zip(learned, oracle)])), 4),
                         "parsed_share": round(float(np.mean([not parse_reflection(a)[1] for a in learned])), 4),
-                        "keep_on_passed": round(float(np.mean([same_commands(k, KEEP) for k in kept])), 4)}
+                        "keep_on_passed": (round(float(np.mean([same_commands(k, KEEP) for k in kept])), 4)
+                                           if kept else None)}
     fmetas = [metas[i] for i in fails]
 
     def fix_rate(corrector, reflections) -> float:

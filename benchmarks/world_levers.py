@@ -40,8 +40,8 @@ from reflectionflow.backends.world.mmdit import (
     MMDiTCorrector,
     MMDiTGenerator,
 )
-from reflectionflow.components import CorrectionRequest, GenerationRequest
-from reflectionflow.train.corrector_pool import KEEP, label_images
+from reflectionflow.components import CorrectionRequest
+from reflectionflow.train.corrector_pool import KEEP, generator_samples, label_images
 from reflectionflow.world.data import resolve_prompts
 from reflectionflow.world.evaluate import TAGS
 
@@ -189,14 +189,9 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
 
     metas_all = resolve_prompts(args.prompts)[: args.limit]
-    metas = [m for m in metas_all for _ in range(args.samples)]
-    seeds = list(range(len(metas)))  # prompt index x samples + k
     generator = MMDiTGenerator(weights=args.generator, steps=args.steps, guidance=args.guidance,
                                batch_size=args.batch, device=args.device)
-    t = time.perf_counter()
-    images = np.stack([r.image for r in generator.generate(
-        [GenerationRequest(prompt=m["prompt"], seed=s) for m, s in zip(metas, seeds)])])
-    gen_s = time.perf_counter() - t
+    metas, seeds, images, gen_s = generator_samples(generator, metas_all, args.samples)
     labels = judge(images, metas, seeds, args.workers)
     tags = np.array([m["tag"] for m in metas_all])
     configs = [dict(name="exact", weights=args.full, strength=1.0),

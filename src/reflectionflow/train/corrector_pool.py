@@ -121,6 +121,20 @@ def label_images(images: np.ndarray, metas: Sequence[dict], seeds: Sequence[int]
         return [lab for part in pool.map(_label_chunk, jobs) for lab in part]
 
 
+def generator_samples(generator, metas_all: Sequence[dict], samples: int):
+    """The world benchmarks' protocol: `samples` images per prompt from a Generator component, seed =
+    prompt index x samples + k (never a training seed). Returns (metas, seeds, images, seconds)."""
+    import time
+
+    from ..components import GenerationRequest
+
+    metas = [m for m in metas_all for _ in range(samples)]
+    seeds = list(range(len(metas)))
+    t = time.perf_counter()
+    out = generator.generate([GenerationRequest(prompt=m["prompt"], seed=s) for m, s in zip(metas, seeds)])
+    return metas, seeds, np.stack([r.image for r in out]), time.perf_counter() - t
+
+
 def default_workers() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
