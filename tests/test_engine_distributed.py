@@ -134,18 +134,16 @@ def _components(corrector=None):
                       corrector=cor), gen, cor
 
 
-def run_ranks(n: int, out: Path, prompts: Path, resume: bool = False, components=None, **cfg) -> list:
-    """Every rank's RunResult (or the exception it raised), ranks as threads."""
+def on_threads(n: int, work) -> list:
+    """`work(ctx, r)` for ranks r = 0..n-1 as threads sharing one hub: every rank's result, or the
+    exception it raised (a dying rank breaks the hub, as its closed socket breaks gloo)."""
     hub = _Hub(n)
     results: list = [None] * n
 
     def rank(r: int):
-        ctx = DistContext(rank=r, world_size=n, comm=ThreadComm(hub, r))
-        comps = components[r] if components is not None else None
         try:
-            results[r] = generate(RunConfig(progress=False, **cfg), out, prompts=str(prompts), resume=resume,
-                                  components=comps, dist=ctx)
-        except Exception as e:  # a dying rank breaks the hub, as its closed socket breaks gloo
+            results[r] = work(DistContext(rank=r, world_size=n, comm=ThreadComm(hub, r)), r)
+        except Exception as e:
             results[r] = e
             hub.gate.abort()
 
@@ -155,6 +153,13 @@ def run_ranks(n: int, out: Path, prompts: Path, resume: bool = False, components
     for t in threads:
         t.join()
     return results
+
+
+def run_ranks(n: int, out: Path, prompts: Path, resume: bool = False, components=None, **cfg) -> list:
+    """Every rank's RunResult (or the exception it raised), ranks as threads."""
+    return on_threads(n, lambda ctx, r: generate(RunConfig(progress=False, **cfg), out, prompts=str(prompts),
+                                                 resume=resume, components=components[r] if components else None,
+                                                 dist=ctx))
 
 
 CONFIGS = {

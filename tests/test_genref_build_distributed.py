@@ -11,14 +11,13 @@ import json
 import subprocess
 import sys
 import tarfile
-import threading
 
 import pytest
 
 from reflectionflow.data.build import BuildConfig, build_genref
-from reflectionflow.engine import DistContext, DistributedError
+from reflectionflow.engine import DistributedError
 
-from .test_engine_distributed import ThreadComm, _env, _free_port, _Hub
+from .test_engine_distributed import _env, _free_port, on_threads
 
 pytest.importorskip("webdataset")
 
@@ -45,24 +44,8 @@ def files(folder) -> dict[str, bytes]:
 
 
 def run_ranks(n: int, out, components=None, size=N) -> list:
-    hub = _Hub(n)
-    results: list = [None] * n
-
-    def rank(r: int):
-        ctx = DistContext(rank=r, world_size=n, comm=ThreadComm(hub, r))
-        try:
-            results[r] = build_genref(config(out, size), progress=False, dist=ctx,
-                                      components=components[r] if components else None)
-        except Exception as e:  # a dying rank breaks the hub, as its closed socket breaks gloo
-            results[r] = e
-            hub.gate.abort()
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
+    return on_threads(n, lambda ctx, r: build_genref(config(out, size), progress=False, dist=ctx,
+                                                     components=components[r] if components else None))
 
 
 @pytest.fixture(scope="module")
