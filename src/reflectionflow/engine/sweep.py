@@ -2,8 +2,8 @@
 
 One run per (method, verifier), at the largest budget, into OUT/runs/<method>-<verifier>/ (a full
 `generate` run folder: resumable, distributed as `generate` is), except that noise images do not
-depend on the verifier: one noise run (with the first verifier) serves all, each other verifier
-re-scoring its images. Each budget k = 1, 2, 4, ... B is
+depend on the verifier: on the world backend one noise run (with the first verifier) serves all,
+each other verifier re-scoring its images. Each budget k = 1, 2, 4, ... B is
 then read from that run's trace as posthoc.py does: each prompt's verifier pick among its first k
 images in generation order, judged by the exact GenEval-Shapes evaluator (never the verifier's score).
 
@@ -94,10 +94,12 @@ def sweep(base: RunConfig, methods: list[str], verifiers: list[str], budget: int
     # from another sweep without --resume).
     for (m, v), cfg in configs.items():
         prepare(cfg, out / "runs" / run_name(m, v), prompt, prompts, resume, secrets=secrets)
-    _check_verifiers(base, verifiers)
+    built = _check_verifiers(base, verifiers)
     # Noise images do not depend on the verifier (seeds alone decide them): one noise run, made with
-    # the first verifier, serves every verifier, each re-scoring its images (no image made twice).
-    rescored = {(m, v): (m, verifiers[0]) for (m, v) in configs if m == "noise" and v != verifiers[0]}
+    # the first verifier, serves every verifier built here, each re-scoring its images (no image made
+    # twice). A backend that builds its components itself (flux) runs noise once per verifier.
+    rescored = {(m, v): (m, verifiers[0]) for (m, v) in configs
+                if m == "noise" and v != verifiers[0] and v in built}
     for (m, v), cfg in configs.items():
         if (m, v) not in rescored:
             generate(cfg, out / "runs" / run_name(m, v), prompt=prompt, prompts=prompts, resume=resume,
@@ -107,7 +109,7 @@ def sweep(base: RunConfig, methods: list[str], verifiers: list[str], budget: int
         points = []
         for m, v in configs:
             src = rescored.get((m, v), (m, v))
-            scorer = _verifier(base, v) if (m, v) in rescored else None
+            scorer = built[v] if (m, v) in rescored else None
             points += curve(out / "runs" / run_name(*src), m, v, budget, base.seed, rescore=scorer)
         settings = {run_name(m, v): cfg.to_dict() for (m, v), cfg in configs.items()}
         for (m, v), src in rescored.items():
@@ -117,23 +119,17 @@ def sweep(base: RunConfig, methods: list[str], verifiers: list[str], budget: int
     return result
 
 
-def _check_verifiers(base: RunConfig, verifiers: list[str]) -> None:
+def _check_verifiers(base: RunConfig, verifiers: list[str]) -> dict:
     """Build each verifier once now: a backend without its own checks (world) finds missing weights
     only when a component is built, which would be after the earlier runs of the sweep had spent
-    their budget. World verifiers load in milliseconds; a backend with checks was checked by prepare."""
+    their budget. World verifiers load in milliseconds; a backend with checks was checked by prepare
+    (and nothing is built: {}). Returns {name: verifier}, kept for re-scoring the noise run."""
     from ..components import build
     from .backends import get_backend
 
     if get_backend(base.backend).check is not None:
-        return
-    for v in verifiers:
-        build("verifier", v, **(base.options.get("verifier") or {}))
-
-
-def _verifier(base: RunConfig, name: str):
-    from ..components import build
-
-    return build("verifier", name, **(base.options.get("verifier") or {}))
+        return {}
+    return {v: build("verifier", v, **(base.options.get("verifier") or {})) for v in verifiers}
 
 
 def rescore(folder: RunFolder, traces: dict[int, list[Candidate]], verifier, batch: int = 512) -> None:

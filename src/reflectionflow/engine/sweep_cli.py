@@ -10,8 +10,8 @@ from .cli import _one_line_errors, add_component_arguments, build_config, launch
 
 SWEEP_HELP = """\
 Run every method x verifier on a prompt set at --budget images per prompt (one run each, in
-OUT/runs/<method>-<verifier>/; noise is made once, with the first verifier, and re-scored by the
-others), then read best-of-k for k = 1, 2, 4, ... budget from each run's
+OUT/runs/<method>-<verifier>/; on the world backend noise is made once, with the first verifier,
+and re-scored by the others), then read best-of-k for k = 1, 2, 4, ... budget from each run's
 trace and judge every pick with the exact GenEval-Shapes evaluator. Writes OUT/sweep.json,
 OUT/sweep.md (the paper's table: overall and the six categories, bootstrap 95% intervals over
 prompts) and OUT/sweep.png (overall accuracy vs samples).
