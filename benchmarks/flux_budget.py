@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
              budget(gen_c, kv_c, enc_kv, vaeB, steps, s, False, True, lat, conc)),
         ]
         if "fp8_plain" in f:
-            rows.append(("+ fp8 matmuls (torchao)", False, "fp8",
+            # the world's effect of every lever at once where it was measured, else fp8's alone
+            rows.append(("+ fp8 matmuls (models/fp8.py)", False, f"all_{s:g}" if f"all_{s:g}" in effects else "fp8",
                          budget(f["fp8_plain"], f["fp8_kv"], f["fp8_encode_kv"], vaeB, steps, s, False, True,
                                 lat, conc)))
         else:
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             fns["encode_kv"]()
             f["fp8_encode_kv"] = timed(fns["encode_kv"], device, 0, 1) / B
             fig["fp8_max_rel_diff_kv"] = float((fns["kv"]().float() - ref).abs().max() / ref.abs().max())
-        except Exception as exc:  # a torchao that imports but cannot run here: report it, keep the rest
+        except Exception as exc:  # fp8 that cannot run here after all: report it, keep the rest
             why = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
             for k in ("fp8_plain", "fp8_kv", "fp8_encode_kv"):
                 f.pop(k, None)

@@ -10,7 +10,11 @@ The levers are the world analogs of the FLUX ones in benchmarks/flux_budget.py:
   at step (1 - S) x steps, running that share of the steps (--strengths, default 0.5 and 0.75:
   10 and 15 of 20);
 - combined_S: both;
-- fp8: the full corrector with fp8 matmuls (torchao, weights bf16 -> fp8; CUDA 8.9+ only).
+- with --partial / --partial-kv (correctors trained to start from a noised image, `train
+  world-corrector --partial-share`), the strength rows use those, and partial_trained(_kv) rows
+  report them run from pure noise;
+- fp8: the full corrector with fp8 matmuls (models/fp8.py, weights bf16 -> fp8; CUDA 8.9+ only);
+- all_S: every lever at once (the causal_kv corrector, strength S, fp8), as the FLUX budget's last row.
 Each is compared with the exact version: the full corrector, 20 steps from pure noise, bf16 autocast.
 
 Protocol (benchmarks/world_corrector_eval.py's): the generator draws --samples images per prompt
@@ -53,36 +57,20 @@ def judge(images, metas, seeds, workers):
 
 
 def fp8_model(model) -> int:
-    """bf16 weights, then fp8 (e4m3, row-wise scales) for the blocks' linears (not the LoRA adapters)."""
+    """bf16 weights, then fp8 (e4m3, row scales; models/fp8.py, as the FLUX backend) for the blocks'
+    linears (not the LoRA adapters)."""
     import torch
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    from reflectionflow.models.fp8 import quantize_linears
 
     model.to(torch.bfloat16)
-    changed = []
-
-    def pick(m, fqn: str) -> bool:
-        ok = (isinstance(m, torch.nn.Linear) and "lora" not in fqn and "blocks." in fqn
-              and m.in_features % 16 == 0 and m.out_features % 16 == 0)
-        if ok:
-            changed.append(fqn)
-        return ok
-
-    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=pick)
-    return len(changed)
+    return len(quantize_linears(model, lambda name, layer: "blocks." in name))
 
 
 def fp8_unavailable(device: str) -> str | None:
-    import torch
+    from reflectionflow.models.fp8 import fp8_unavailable as why_not
 
-    try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig  # noqa: F401
-    except Exception as exc:  # missing, or built for another torch
-        return f"torchao not importable ({type(exc).__name__})"
-    if not torch.cuda.is_available() or device == "cpu":
-        return "needs a CUDA GPU"
-    if torch.cuda.get_device_capability() < (8, 9):
-        return "needs compute capability 8.9+"
-    return None
+    return "needs a CUDA GPU" if device == "cpu" else why_not("cuda")
 
 
 def correct(corrector, images, metas, reflections, seeds) -> tuple[np.ndarray, float, int]:
@@ -160,6 +148,9 @@ def main(argv=None) -> dict:
     p.add_argument("--generator", default=str(DEFAULT_GENERATOR))
     p.add_argument("--full", default=str(DEFAULT_CORRECTOR), help="the exact corrector (full attention)")
     p.add_argument("--kv", default=str(DEFAULT_CORRECTOR_KV), help="the causal_kv corrector")
+    p.add_argument("--partial", default=None, help="the full-attention corrector used for the strength < 1 rows "
+                   "(one trained for partial-noise starts, train world-corrector --partial-share); default --full")
+    p.add_argument("--partial-kv", default=None, help="the causal_kv corrector of the combined rows; default --kv")
     p.add_argument("--prompts", default="geneval-shapes")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--samples", type=int, default=8, help="generator samples per prompt")
@@ -196,12 +187,18 @@ def main(argv=None) -> dict:
     tags = np.array([m["tag"] for m in metas_all])
     configs = [dict(name="exact", weights=args.full, strength=1.0),
                dict(name="cached_kv", weights=args.kv, strength=1.0)]
+    partial, partial_kv = args.partial or args.full, args.partial_kv or args.kv
+    if args.partial:  # the partial-start corrector run from pure noise: what training for partial starts costs
+        configs.append(dict(name="partial_trained", weights=partial, strength=1.0))
+    if args.partial_kv:
+        configs.append(dict(name="partial_trained_kv", weights=partial_kv, strength=1.0))
     for x in args.strengths:
-        configs += [dict(name=f"corrector_strength_{x:g}", weights=args.full, strength=x),
-                    dict(name=f"combined_{x:g}", weights=args.kv, strength=x)]
+        configs += [dict(name=f"corrector_strength_{x:g}", weights=partial, strength=x),
+                    dict(name=f"combined_{x:g}", weights=partial_kv, strength=x)]
     fp8_why = "--no-fp8" if args.no_fp8 else fp8_unavailable(args.device)
     if fp8_why is None:
         configs.append(dict(name="fp8", weights=args.full, strength=1.0, fp8=True))
+        configs += [dict(name=f"all_{x:g}", weights=partial_kv, strength=x, fp8=True) for x in args.strengths]
     results = []
     for cfg in configs:
         try:

@@ -141,6 +141,7 @@ def test_serve_throughput_tiny(tmp_path):
     assert bench.main(["--tiny", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["concurrency"] for r in rows] == [1, 2, 4] and all(r["rps"] > 0 for r in rows)
+    assert rows[0]["mean_batch"] == 1 and all(1 <= r["mean_batch"] <= r["concurrency"] for r in rows)
 
 
 def test_world_sweep_tiny_on_stand_ins(tmp_path):

@@ -9,6 +9,7 @@ from reflectionflow.models.flow import (  # noqa: E402
     euler,
     logit_normal,
     loss_by_bin,
+    partial_path_sample,
     path_sample,
     time_grid,
 )
@@ -111,3 +112,28 @@ def test_partial_start_from_the_condition_runs_the_grid_tail():
     assert full.nfe == 10 and torch.allclose(full.images, cond, atol=1e-5)
     with pytest.raises(ValueError, match="condition image"):
         flow.sample(noise, text, steps=10, strength=0.5)
+
+
+def test_partial_path_is_the_line_the_partial_sampler_integrates():
+    """Strength s: the path starts where `sample(strength=s)` starts (u = 1 gives (1 - s) prev + s eps at
+    t = s), its velocity target is constant along it and leads to the target, and s = 1 is the plain path."""
+    x0, eps, prev = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    s = torch.tensor([0.5, 0.75, 1.0, 0.3])
+    start = partial_path_sample(x0, eps, torch.ones(4), prev, s)
+    assert torch.allclose(start.t, s)
+    sb = s.view(-1, 1, 1, 1)
+    assert torch.allclose(start.x_t, (1 - sb) * prev + sb * eps, atol=1e-6)
+    u = torch.tensor([0.2, 0.9, 0.5, 0.7])
+    mid = partial_path_sample(x0, eps, u, prev, s)
+    assert torch.allclose(mid.t, u * s)
+    assert torch.allclose(mid.x_t - mid.t.view(-1, 1, 1, 1) * mid.target, x0, atol=1e-5)  # x(0) = x0
+    # Euler with the path's own (constant) velocity from the start lands on the target.
+    grid = torch.linspace(0.5, 0.0, 6)
+    one = partial_path_sample(x0[:1], eps[:1], torch.ones(1), prev[:1], torch.tensor([0.5]))
+    assert torch.allclose(euler(lambda x, t: one.target, one.x_t, grid), x0[:1], atol=1e-5)
+    plain = path_sample(x0, eps, u)
+    full = partial_path_sample(x0, eps, u, prev, torch.ones(4))
+    assert torch.allclose(full.x_t, plain.x_t) and torch.allclose(full.target, plain.target)
+    same = partial_path_sample(x0, eps, u, x0, s)  # previous image = target: the plain path at t = s u
+    ref = path_sample(x0, eps, u * s)
+    assert torch.allclose(same.x_t, ref.x_t, atol=1e-5) and torch.allclose(same.target, ref.target, atol=1e-5)

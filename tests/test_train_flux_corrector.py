@@ -176,15 +176,18 @@ def test_world_corrector_trains_on_world_genref_through_the_shared_trainer(tmp_p
     MMDiT(SIZES["tiny"]()).save_pretrained(tmp_path / "gen")
     cfg = WorldCorrectorConfig(out_dir=str(tmp_path / "run"), generator=str(tmp_path / "gen"),
                                genref=str(tmp_path / "genref"), batch_size=4, max_steps=2, lora_rank=4,
-                               warmup_steps=1, log_every=1, ckpt_every=2, sample_every=2, sample_steps=1,
-                               val_prompts=2, val_max=2, device="cpu", progress=False)
+                               warmup_steps=1, log_every=1, ckpt_every=2, val_every=2, val_steps=1,
+                               val_size=2, partial_share=0.5, device="cpu", progress=False)
     res = train_world_corrector(cfg)
-    assert res.train.step == 2
+    assert res.train.step == 2 and "corrected" in res.scores
     out = tmp_path / "run"
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert (out / "checkpoint" / "ema.safetensors").is_file()  # the world's EMA, on either data
     assert [json.loads(ln)["verifier"] for ln in (out / "val.jsonl").read_text().splitlines()] == ["world-oracle"]
-    model, card = load_corrector(out / "lora", tmp_path / "gen")  # what the world-mmdit corrector loads
-    assert card["step"] == 2 and card["lora"]["rank"] == 4
+    rows = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert set(rows[0]["loss_by_subset"]) <= set(SUBSETS)
+    model, card = load_corrector(out / "corrector", tmp_path / "gen")  # what the world-mmdit corrector loads
+    assert card["step"] == 2 and card["lora"]["rank"] == 4 and card["train_config"]["partial_share"] == 0.5
 
 
 def test_gpu_benchmark_runs_tiny_on_the_cpu(capsys):

@@ -28,8 +28,9 @@ from reflectionflow.models.mmdit import SIZES, MMDiT  # noqa: E402
 from reflectionflow.train.corrector import (  # noqa: E402
     ORIGINAL_MIX_START,
     SOURCES,
-    CorrectorBatches,
+    PoolBatches,
     WorldCorrectorConfig,
+    WorldFamily,
     source_weights,
 )
 from reflectionflow.train.corrector_pool import Pool, edit_image, label_one, scene_detections  # noqa: E402
@@ -185,21 +186,76 @@ def test_source_mix_warms_up_and_skips_missing_sources():
     assert only["editing"] == 1.0 and sum(only.values()) == 1.0
 
 
-def test_batches_are_a_function_of_the_step(folders, tmp_path):
+def test_pool_batches_are_a_function_of_the_step(folders, tmp_path):
     from reflectionflow.train.corrector_pool import PoolSettings, build_pool
 
-    cfg = WorldCorrectorConfig(generator=str(folders / "gen"), batch_size=6, image_dropout=0.5, seed=2)
+    cfg = WorldCorrectorConfig(generator=str(folders / "gen"), batch_size=6, image_dropout=0.5, text_dropout=0.3,
+                               seed=2).validate()
     settings = PoolSettings("x", size=8, per_prompt=2, steps=1, val_prompts=2, val_samples=1)
     pool = Pool.load(build_pool(MMDiT.from_pretrained(folders / "gen"), settings, tmp_path / "pool", progress=False))
     assert pool.summary["samples"] == 8 and len(pool.val) == 2
-    ds = CorrectorBatches(cfg, pool, MMDiT.from_pretrained(folders / "gen").tokenizer, 0)
-    a, b = ds.batch_at(3), ds.batch_at(3)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    good, text, src, cond = a
-    assert good.shape == cond.shape == (6, 64, 64, 3) and text.shape == (6, 24) and src.max() < len(SOURCES)
+    src = PoolBatches(cfg, pool)
+    a, b = src.batch(3), src.batch(3)
+    assert a.keys == b.keys and a.prompts == b.prompts and a.reflections == b.reflections
+    assert all(np.array_equal(x, y) for x, y in zip(a.good, b.good))
+    assert len(a) == 6 and set(a.subsets) <= set(SOURCES) and a.keys != src.batch(4).keys
+    assert PoolBatches(cfg, pool, rank=1).batch(3).keys != a.keys  # each process its own draws
+    # Dropouts: a dropped image is None (the blank canvas), a dropped text leaves no reflection either.
+    assert all(r == "" for p, r in zip(a.prompts, a.reflections) if p == "")
+    many = [src.batch(s) for s in range(8)]
+    assert any(b is None for x in many for b in x.bad) and any(p == "" for x in many for p in x.prompts)
+    # The family's CPU half: stacked pixels, token ids, which samples may start from their condition.
+    family = WorldFamily(cfg, torch.device("cpu"))
+    prep = family.prepare(a)
+    assert prep["good"].shape == prep["cond"].shape == (6, 64, 64, 3) and prep["good"].dtype == torch.uint8
+    assert prep["text"].shape == (6, 24) and prep["start_ok"].tolist() == [x is not None for x in a.bad]
+    x0, inputs = family.encode(prep, torch.device("cpu"))
+    assert x0.shape == (6, 3, 64, 64) and -1 <= x0.min() and x0.max() <= 1
+    assert inputs["start"] is inputs["cond"]
     with pytest.raises(ValueError, match="other settings"):
         build_pool(None, PoolSettings("y", size=8, per_prompt=2, steps=1, val_prompts=2, val_samples=1),
                    tmp_path / "pool", progress=False)
+
+
+def test_pool_run_resumes_exactly_with_its_ema_workers_and_partial_starts(folders, tmp_path):
+    """The pool path through the shared trainer: 4 steps made by 2 DataLoader workers equal 3 steps
+    made in-process, stopped, and resumed to 4 (same samples, losses, adapters and EMA); partial-noise
+    starts change the loss, not the data."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from reflectionflow.train.corrector import train_world_corrector
+
+    def config(out, **kw) -> WorldCorrectorConfig:
+        values = dict(out_dir=str(tmp_path / out), generator=str(folders / "gen"), pool_dir=str(tmp_path / "pool"),
+                      pool_size=8, pool_per_prompt=2, pool_batch=8, label_workers=1, val_prompts=2, val_samples=1,
+                      val_size=0, val_steps=1, batch_size=4, max_steps=4, lora_rank=4, warmup_steps=1, log_every=1,
+                      ckpt_every=2, num_workers=0, log_keys=True, partial_share=0.5, device="cpu", progress=False)
+        return WorldCorrectorConfig(**{**values, **kw})
+
+    full = train_world_corrector(config("full", num_workers=2))
+    assert full.train.step == 4 and full.pool["samples"] == 8
+    part = train_world_corrector(config("part"), stop_after=3)  # as a preempted job: a checkpoint at step 3
+    assert part.train.step == 3 and json.loads((tmp_path / "part/checkpoint/state.json").read_text())["step"] == 3
+    assert train_world_corrector(config("part", resume=True)).train.step == 4
+
+    def rows(name):
+        return [json.loads(ln) for ln in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+
+    a, b = rows("full"), rows("part")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["keys"] for r in a] == [r["keys"] for r in b] and [r["loss"] for r in a] == [r["loss"] for r in b]
+    for name in ("adapters", "ema"):  # the EMA was saved at step 3 and restored, not restarted
+        wa = load_file(str(tmp_path / "full" / "checkpoint" / f"{name}.safetensors"))
+        wb = load_file(str(tmp_path / "part" / "checkpoint" / f"{name}.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    assert json.loads((tmp_path / "full" / "scores.json").read_text())["validation"] is None  # val_size 0
+
+    plain = train_world_corrector(config("plain", partial_share=0.0, max_steps=1))
+    assert rows("plain")[0]["keys"] == a[0]["keys"] and plain.train.losses[0] != full.train.losses[0]
+    with pytest.raises(ValueError, match=r"partial_strengths must be start times in \(0, 1\]"):
+        train_world_corrector(config("bad", partial_strengths=(0.0, 0.5)))
 
 
 def test_shipped_corrector_loads_fits_its_budget_and_edits():

@@ -31,6 +31,20 @@ def path_sample(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> PathSam
     return PathSample(x_t=(1 - tb) * x0 + tb * eps, t=t, target=eps - x0)
 
 
+def partial_path_sample(x0: torch.Tensor, eps: torch.Tensor, u: torch.Tensor, start: torch.Tensor,
+                        strength: torch.Tensor) -> PathSample:
+    """The path a sampler started from a partly noised previous image follows (`sample(strength=s)`).
+
+    Such a sampler starts at time s from z_s = (1 - s) start + s eps instead of from noise. Training
+    on the straight line from z_s to the target x0 teaches that start: for u in (0, 1], t = s u,
+    x_t = (1 - u) x0 + u z_s, velocity target (z_s - x0) / s. With s = 1 (or start = x0) it is
+    `path_sample` exactly. `strength` (B,) in (0, 1]; `u` (B,) the unit time (logit-normal)."""
+    shape = (-1, *([1] * (x0.ndim - 1)))
+    sb, ub = strength.view(shape).to(x0.dtype), u.view(shape).to(x0.dtype)
+    z = (1 - sb) * start.to(x0.dtype) + sb * eps
+    return PathSample(x_t=(1 - ub) * x0 + ub * z, t=u * strength, target=(z - x0) / sb)
+
+
 def logit_normal(n: int, mean: float = 0.0, std: float = 1.0, device=None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """t = sigmoid(N(mean, std)): SD3's sampling, which spends training on the middle times."""

@@ -14,8 +14,23 @@ VLM components, and any tool that writes the same first line, get:
 Images of another size are resized to the world's 64x64 (box filter) before judging.
 
 Standard library only (ThreadingHTTPServer); it listens on 127.0.0.1 unless told otherwise.
-Component calls are serialised by a lock: the world's judges take microseconds and need no
-thread safety that way.
+
+Batching. Each component (verifier, reflector, refiner) sits behind a `Batcher`: a queue and one
+worker thread. When the component is free, the worker takes every request waiting for it (at most
+`BatchOptions.max_batch`; after the first it waits up to `max_wait_ms` for more, by default not at
+all) and makes one batched call, then hands each request its own result, in order. One lock, shared
+by the workers, still lets only one thread call any component at a time (the judges need no thread
+safety, and torch models do not share the CPU with each other). yes/no and score requests share the
+verifier's batches. Errors stay with the request that caused them:
+  1. everything the server checks itself (JSON, messages, task, prompt line, image decoding) is
+     checked in the request's own thread, before it joins a batch: a bad request never reaches one;
+  2. when a batched call raises (a judge refusing one input, e.g. the oracle on a prompt outside the
+     world), the worker calls the component again for each request of that batch alone, so each gets
+     the result or the error it would have got unbatched.
+Answers are those of unbatched calls wherever the component is batch-invariant (the oracle judges:
+bitwise); a learned torch model's P(yes) may move in its last bits (about 1e-7) with its batch-mates,
+as any batched model's does. `max_batch=1` gives one request per call. Each answer carries the size
+of the batch that answered it in an `X-Batch-Size` header (benchmarks/serve_throughput.py reads it).
 """
 
 from __future__ import annotations
@@ -25,17 +40,20 @@ import binascii
 import io
 import json
 import math
+import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import numpy as np
 
 from ..backends.vlm import prompts as P
-from ..components import PromptRefiner, RefineRequest, ReflectionRequest, Reflector, Verifier
+from ..components import PromptRefiner, RefineRequest, ReflectionRequest, Reflector, Verdict, Verifier
 
 WORLD_SIZE = 64
 MAX_BODY = 64 * 1024 * 1024
@@ -104,17 +122,264 @@ def _p_yes(score: float, yes: bool | None) -> float:
     return min(max(p, 1e-6), 1 - 1e-6)
 
 
+MAX_WAIT_MS = 1000  # a longer wait only delays answers: the judges batch whatever is waiting anyway
+
+
+@dataclass
+class BatchOptions:
+    """How concurrent requests for one component are merged into one call."""
+
+    max_batch: int = 64  # requests in one component call at most (1: no batching)
+    max_wait_ms: float = 0.0  # after a batch's first request, wait this long for more (0: take what is waiting)
+
+    def check(self) -> None:
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ServeError(f"max_batch must be an integer >= 1 (1: no batching), got {self.max_batch!r}")
+        wait = self.max_wait_ms
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_MS:
+            raise ServeError(f"max_wait_ms must be a number of milliseconds in 0..{MAX_WAIT_MS}, got {wait!r}")
+
+
+@dataclass
+class BatchStats:
+    calls: int = 0  # component calls made (a batch that raised, and its re-runs one by one, included)
+    requests: int = 0  # requests answered (with a result or an error)
+    split: int = 0  # batched calls that raised and were re-run one request at a time
+
+    @property
+    def mean_batch(self) -> float:
+        return self.requests / self.calls if self.calls else 0.0
+
+
+@dataclass
+class Batched:
+    """One request's own result, and the size of the component call that produced it."""
+
+    result: Any
+    batch: int
+
+
+_STOP = object()
+
+
+class Batcher:
+    """A component behind a queue and one worker thread: whatever waits when it is free is one call.
+
+    `call` takes a list of items and returns one result per item, in order (the components' own
+    interface). `lock` is held around every call; share it between batchers so that only one thread
+    calls any component at a time.
+    """
+
+    def __init__(self, name: str, call: Callable[[list], Sequence], lock: threading.Lock,
+                 options: BatchOptions | None = None):
+        self.name = name
+        self.options = options or BatchOptions()
+        self.options.check()
+        self.stats = BatchStats()
+        self._call = call
+        self._lock = lock
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._state = threading.Lock()  # orders submit() against close(): nothing queued after _STOP
+        self._closed = False
+        self._waiting = 0
+        self._worker = threading.Thread(target=self._run, name=f"reflectionflow-serve-{name}", daemon=True)
+        self._worker.start()
+
+    def __call__(self, item) -> Batched:
+        """Queue one item and wait for its own result (a component's exception is raised here)."""
+        future: Future = Future()
+        with self._state:
+            if self._closed:
+                raise ServeError(f"the server is shutting down ({self.name} closed)", status=503)
+            self._queue.put((item, future))
+            self._waiting += 1
+        try:
+            return future.result()
+        finally:
+            with self._state:
+                self._waiting -= 1
+
+    def waiting(self) -> int:
+        """Requests queued or in a call, not yet answered (tests wait on it)."""
+        with self._state:
+            return self._waiting
+
+    def close(self) -> None:
+        """Answer what is queued, then stop the worker."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._worker.join()
+
+    def _gather(self, batch: list, wait_s: float) -> bool:
+        """Add waiting requests to batch, up to max_batch, waiting at most wait_s; True at _STOP."""
+        deadline = time.monotonic() + wait_s
+        while len(batch) < self.options.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                entry = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if entry is _STOP:
+                return True
+            batch.append(entry)
+        return False
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = self._gather(batch, self.options.max_wait_ms / 1000)
+            with self._lock:
+                if not stop:  # what arrived while another component held the lock joins too
+                    stop = self._gather(batch, 0.0)
+                self._answer(batch)
+            if stop:
+                return
+
+    def _answer(self, batch: list) -> None:
+        items = [item for item, _ in batch]
+        self.stats.calls += 1
+        try:
+            results = list(self._call(items))
+            if len(results) != len(items):
+                raise RuntimeError(f"{self.name} returned {len(results)} results for {len(items)} requests")
+        except Exception as e:
+            if len(batch) > 1:
+                # One input the component refuses must not fail its batch-mates: each alone gets
+                # what it would have got unbatched.
+                self.stats.split += 1
+                for entry in batch:
+                    self._answer([entry])
+                return
+            self.stats.requests += 1
+            batch[0][1].set_exception(e)
+            return
+        self.stats.requests += len(batch)
+        for (_, future), result in zip(batch, results):
+            future.set_result(Batched(result, len(batch)))
+
+
+@dataclass
+class Answer:
+    """A chat completion and the size of the component call behind it (0: no component called)."""
+
+    response: dict
+    batch: int = 0
+
+
+@dataclass
+class _Job:
+    """A request checked and decoded in its own thread, ready to join a batch."""
+
+    task: str
+    text: str
+    urls: list[str]
+    fields: dict[str, str]
+    prompt: str
+    image: np.ndarray | None
+
+
 class JudgeService:
-    def __init__(self, judges: Judges, model_name: str = "reflectionflow-world"):
+    """Chat requests -> the judges' answers; one Batcher per component, one lock for all of them.
+
+    Its worker threads run until `close()` (JudgeServer.server_close() calls it).
+    """
+
+    def __init__(self, judges: Judges, model_name: str = "reflectionflow-world", batch: BatchOptions | None = None):
         self.judges = judges
         self.model_name = model_name
-        self._lock = threading.Lock()
+        self.batch = batch or BatchOptions()
+        self.batch.check()
+        self._lock = threading.Lock()  # one component call at a time, whichever component
+        self.batchers: dict[str, Batcher] = {
+            "verifier": Batcher("verifier", self._verify, self._lock, self.batch),
+            "reflector": Batcher("reflector", lambda reqs: self.judges.reflector.reflect(reqs), self._lock, self.batch),
+        }
+        if judges.refiner is not None:
+            self.batchers["refiner"] = Batcher("refiner", lambda reqs: self.judges.refiner.refine(reqs), self._lock,
+                                               self.batch)
+
+    def _verify(self, items: list[tuple[np.ndarray, str]]) -> list[Verdict]:
+        return self.judges.verifier.score([image for image, _ in items], [prompt for _, prompt in items])
+
+    def close(self) -> None:
+        for b in self.batchers.values():
+            b.close()
+
+    def stats(self) -> dict[str, BatchStats]:
+        return {name: b.stats for name, b in self.batchers.items()}
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "reflectionflow",
                                             "judges": self.judges.names or {}}]}
 
     def complete(self, body: dict) -> dict:
+        return self.answer(body).response
+
+    def answer(self, body: dict) -> Answer:
+        """1. check and decode (this thread); 2. the component's batched call; 3. the reply."""
+        job = self._check(body)
+        batch = 0
+        logprobs = None
+        if job.task in ("yesno", "score"):
+            done = self.batchers["verifier"]((job.image, job.prompt))
+            v: Verdict = done.result
+            batch = done.batch
+            p = _p_yes(v.score, v.yes)
+            if job.task == "yesno":
+                answer = "Yes" if p >= 0.5 else "No"
+                if body.get("logprobs"):
+                    alts = [{"token": "Yes", "logprob": math.log(p)}, {"token": "No", "logprob": math.log(1 - p)}]
+                    alts.sort(key=lambda a: -a["logprob"])
+                    k = int(body.get("top_logprobs") or 0)
+                    logprobs = {"content": [{"token": answer, "logprob": math.log(p if answer == "Yes" else 1 - p),
+                                             "top_logprobs": alts[: max(k, 1)] if k else []}]}
+            else:
+                grade = int(round(10 * p))
+                reason = str((v.details or {}).get("reason") or ("matches" if p >= 0.5 else "does not match"))
+                answer = json.dumps({"objects": grade, "attributes": grade, "relations": grade,
+                                     "overall": grade, "explanation": reason})
+        elif job.task == "reflect":
+            req = ReflectionRequest(image=job.image, original_prompt=job.prompt,
+                                    current_prompt=job.fields.get("current prompt", job.prompt),
+                                    previous_reflection=job.fields.get("previous edit commands"))
+            done = self.batchers["reflector"](req)
+            batch = done.batch
+            answer = done.result.text
+        else:
+            current = job.fields.get("current prompt", job.prompt)
+            if "refiner" not in self.batchers:
+                answer = current
+            else:
+                reflection_text = job.fields.get("edit commands for the last image")
+                req = RefineRequest(original_prompt=job.prompt, current_prompt=current,
+                                    reflection=None if reflection_text in (None, "none") else reflection_text,
+                                    image=job.image)
+                done = self.batchers["refiner"](req)
+                batch = done.batch
+                answer = done.result.text or current
+        max_tokens = body.get("max_tokens")
+        if isinstance(max_tokens, int) and max_tokens == 1 and job.task == "yesno":
+            answer = answer.split()[0]
+        prompt_tokens = len(job.text.split()) + 85 * len(job.urls)  # a rough count, like a small VLM's (85 per image)
+        completion_tokens = max(1, len(answer.split()))
+        response = {
+            "id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion", "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop",
+                         "logprobs": logprobs}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+        return Answer(response, batch)
+
+    def _check(self, body) -> _Job:
+        """Everything the server can refuse by itself, before the request joins a batch."""
         if not isinstance(body, dict):
             raise ServeError("the body must be a JSON object")
         text, urls = _content(body.get("messages"))
@@ -129,51 +394,7 @@ class JudgeService:
         if task != "refine" and not urls:
             raise ServeError(f"the {task} task needs one image (an image_url part)")
         image = decode_image(urls[-1]) if urls else None
-        logprobs = None
-        with self._lock:
-            if task in ("yesno", "score"):
-                v = self.judges.verifier.score([image], [prompt])[0]
-                p = _p_yes(v.score, v.yes)
-                if task == "yesno":
-                    answer = "Yes" if p >= 0.5 else "No"
-                    if body.get("logprobs"):
-                        alts = [{"token": "Yes", "logprob": math.log(p)}, {"token": "No", "logprob": math.log(1 - p)}]
-                        alts.sort(key=lambda a: -a["logprob"])
-                        k = int(body.get("top_logprobs") or 0)
-                        logprobs = {"content": [{"token": answer, "logprob": math.log(p if answer == "Yes" else 1 - p),
-                                                 "top_logprobs": alts[: max(k, 1)] if k else []}]}
-                else:
-                    grade = int(round(10 * p))
-                    reason = str((v.details or {}).get("reason") or ("matches" if p >= 0.5 else "does not match"))
-                    answer = json.dumps({"objects": grade, "attributes": grade, "relations": grade,
-                                         "overall": grade, "explanation": reason})
-            elif task == "reflect":
-                req = ReflectionRequest(image=image, original_prompt=prompt,
-                                        current_prompt=fields.get("current prompt", prompt),
-                                        previous_reflection=fields.get("previous edit commands"))
-                answer = self.judges.reflector.reflect([req])[0].text
-            else:
-                current = fields.get("current prompt", prompt)
-                if self.judges.refiner is None:
-                    answer = current
-                else:
-                    reflection = fields.get("edit commands for the last image")
-                    req = RefineRequest(original_prompt=prompt, current_prompt=current,
-                                        reflection=None if reflection in (None, "none") else reflection, image=image)
-                    answer = self.judges.refiner.refine([req])[0].text or current
-        max_tokens = body.get("max_tokens")
-        if isinstance(max_tokens, int) and max_tokens == 1 and task == "yesno":
-            answer = answer.split()[0]
-        prompt_tokens = len(text.split()) + 85 * len(urls)  # a rough count, like a small VLM's (85 per image)
-        completion_tokens = max(1, len(answer.split()))
-        return {
-            "id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion", "created": int(time.time()),
-            "model": self.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop",
-                         "logprobs": logprobs}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        }
+        return _Job(task=task, text=text, urls=urls, fields=fields, prompt=prompt, image=image)
 
 
 # A hook may replace an answer (tests inject faults with it): (path, body) -> None to answer
@@ -254,18 +475,20 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route {self.path}; try POST /v1/chat/completions")
             return
         try:
-            answer = self.server.service.complete(body)
+            answer = self.server.service.answer(body)
         except ServeError as e:
             self._error(e.status, str(e))
             return
         except ValueError as e:  # a judge refusing its input (e.g. a prompt outside the world)
             self._error(400, f"the judge could not answer: {e}")
             return
-        self._send(200, json.dumps(answer).encode())
+        self._send(200, json.dumps(answer.response).encode(), extra={"X-Batch-Size": str(answer.batch)})
 
 
 class JudgeServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 overflows under a few dozen clients (connections reset).
+    request_queue_size = 128
 
     def __init__(self, service: JudgeService, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
                  hook: Hook | None = None, log: bool = False):
@@ -279,6 +502,10 @@ class JudgeServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/v1"
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.service.close()
 
     def start(self) -> threading.Thread:
         """Serve in a daemon thread (tests, the GPU benchmark); `shutdown()` stops it."""

@@ -48,6 +48,13 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 # (flag, config field, type, help); every default is None so that a resumed run knows what was given.
 COMMON = [
     ("--steps", "max_steps", int, "optimizer steps (the lr schedule ends there)"),
@@ -63,18 +70,22 @@ COMMON = [
     ("--text-dropout", "text_dropout", float, "share of samples trained with the empty text (for CFG)"),
     ("--log-every", "log_every", int, "steps per line of log.jsonl"),
     ("--ckpt-every", "ckpt_every", int, "steps per checkpoint"),
-    ("--sample-every", "sample_every", int, "steps per validation"),
-    ("--sample-steps", "sample_steps", int, "Euler steps when sampling for validation"),
-    ("--cfg", "cfg_scale", float, "CFG scale when sampling for validation"),
     ("--val-prompts", "val_prompts", int, "validation prompts (0: no validation)"),
 ]
 GENERATOR = [
+    ("--sample-every", "sample_every", int, "steps per validation"),
+    ("--sample-steps", "sample_steps", int, "Euler steps when sampling for validation"),
+    ("--cfg", "cfg_scale", float, "CFG scale when sampling for validation"),
     ("--size", "model_size", str, "model size"),
     ("--tag-weights", "tag_weights", _mapping, "category weights of the data, e.g. position=0.3,counting=0.2"),
     ("--final-eval-prompts", "final_eval_prompts", int, "benchmark prompts scored at the end (default all 553)"),
     ("--eval-batch", "eval_batch", int, "batch when sampling for evaluation"),
 ]
+# The corrector trains through the shared corrector trainer, whose fields name validation settings val_*.
 CORRECTOR = [
+    ("--sample-every", "val_every", int, "steps per validation (and at the end)"),
+    ("--sample-steps", "val_steps", int, "Euler steps when sampling the pool and validation corrections"),
+    ("--cfg", "val_guidance", float, "CFG scale when sampling the pool and validation corrections"),
     ("--generator", "generator", str, "the frozen base generator folder (default weights/world-generator)"),
     ("--genref", "genref", str, "GenRef shards (glob or {a..b}): train through the shared corrector trainer"),
     ("--cond-attention", "cond_attention", str, "full | causal_kv (condition tokens see only themselves; K/V cached)"),
@@ -84,6 +95,10 @@ CORRECTOR = [
     ("--scope", "lora_scope", str, "cond (condition tokens only, OminiControl) | all"),
     ("--image-dropout", "image_dropout", float, "share of samples with a blank condition image"),
     ("--reflection-dropout", "reflection_dropout", float, "share of samples without the reflection"),
+    ("--partial-share", "partial_share", float, "share of samples trained to start from the previous image "
+     "partly noised (the corrector's strength < 1); 0: off"),
+    ("--partial-strengths", "partial_strengths", _floats, "comma-separated start times in (0, 1] for those samples "
+     "(default 0.5,0.75)"),
     ("--mix-start", "mix_start", _mapping, "GenRef subset weights at step 0, e.g. general=0.1,length=0.1,..."),
     ("--mix-end", "mix_end", _mapping, "GenRef subset weights from --mix-steps on"),
     ("--mix-steps", "mix_steps", int, "steps of the subset-mix warm-up"),
@@ -95,7 +110,8 @@ CORRECTOR = [
     ("--pool-batch", "pool_batch", int, "batch when sampling the pool"),
     ("--label-workers", "label_workers", int, "processes labelling the pool (0: all cores but one)"),
     ("--val-samples", "val_samples", int, "samples per validation prompt"),
-    ("--val-max", "val_max", int, "failed (and passed) validation samples corrected per validation"),
+    ("--val-max", "val_size", int, "failed (and passed) validation samples corrected per validation "
+     "(with --genref: GenRef validation samples; 0: no validation)"),
 ]
 
 
@@ -132,9 +148,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip scoring GenEval-Shapes at the end")
     g.set_defaults(func=cmd_world_generator)
     c = tsub.add_parser("world-corrector", help="the reflection-tuned LoRA on the trained generator",
-                        description="OminiControl-style LoRA on the frozen generator, trained on world GenRef "
-                        "pairs made on the fly (editing pairs and the generator's own judged samples); "
-                        "OUT/corrector holds the fp16 adapters.")
+                        description="OminiControl-style LoRA on the frozen generator, trained by the shared "
+                        "corrector trainer (the FLUX corrector's) on world GenRef pairs made on the fly (editing "
+                        "pairs and the generator's own judged samples), or on GenRef shards with --genref; "
+                        "OUT/corrector holds the fp16 (EMA) adapters.")
     _common(c)
     _add_flags(c, CORRECTOR)
     c.add_argument("--pool-only", action="store_true", help="build the pool of judged generator samples and stop")
@@ -201,8 +218,10 @@ def cmd_world_corrector(args) -> int:
     res = train_world_corrector(cfg)
     line = f"trained {res.train.step} steps in {res.train.minutes:.1f} min;" \
         f" adapters in {Path(cfg.out_dir) / 'corrector'}"
-    if res.scores is not None:
+    if res.scores is not None and "fixed" in res.scores:
         line += f"; validation fixed {res.scores['fixed']} broken {res.scores['broken']}"
+    elif res.scores is not None:  # the GenRef validation (--genref)
+        line += f"; validation score {res.scores['corrected']['score']} (before {res.scores['before']['score']})"
     print(line)
     return 0
 

@@ -5,8 +5,12 @@ condition tokens (models/mmdit.py), the text is `prompt [Reflexion]: reflection`
 flow matching on the improved image. With the default scope "cond" the adapters act on the
 condition tokens only, so with no condition image the corrector is exactly the generator.
 
-Data is made on the fly, batch `s` a function of (seed, s) as for the generator, from five
-sources (GenRef's subsets in brackets):
+It trains through the trainer shared with the FLUX corrector (train/corrector_common.py):
+`WorldFamily` is the world's side of its model interface, `PoolBatches` (by default) or GenRef
+shards (with `genref` set, e.g. what `reflectionflow genref build` writes) its data.
+
+The default data is made on the fly, batch `s` a function of (seed, s), so DataLoader workers make
+it ahead, from five sources (GenRef's subsets in brackets):
 - editing [editing]: a true scene and a one-flaw copy (world.flaws), both rendered; the reflection
   is the oracle's commands on the flawed scene; the target is the true scene;
 - rule [rule]: a failed generator sample and its minimal edit (train/corrector_pool.py), so the
@@ -19,33 +23,33 @@ sources (GenRef's subsets in brackets):
   (backends.world.refine), so the corrector reads long prompts too.
 The subset mix warms up like the original's (0.1/0.1/0.1/0.7 general/length/rule/editing at
 step 0, linearly to `mix_end` at `mix_steps`). Text, image and reflection are each dropped 10% of
-the time (the image becomes a blank canvas; the reflection dropped leaves the prompt alone).
+the time (the image becomes a blank canvas; the reflection dropped leaves the prompt alone; the
+text dropped leaves the empty prompt). With `partial_share` > 0 that share of the samples with a
+condition image trains the start from the condition image partly noised (the corrector's
+strength < 1; corrector_common.partial_path).
 
-Run folder: what train/loop.py writes (checkpoint/ with the config, log.jsonl with loss per
-timestep bin and per source), plus pool/ (the generator samples), corrector/ (the shippable fp16
-LoRA + corrector.json, written with every checkpoint), val.jsonl and samples/ (validation: the
-share of failed validation samples fixed by one correction with the oracle's reflection, and the
-share of passed ones broken by a "keep" correction), scores.json at the end.
-
-With `genref` set (a GenRef shard list, e.g. what `reflectionflow genref build` writes) the same
-corrector trains through the trainer shared with the FLUX corrector (train/corrector_common.py):
-data from GenRefReader with the subset mix, exact resume of the reader position, validation by a
-registered verifier (`genref_val_verifier`, the exact evaluator by default). `WorldGenRefFamily`
-is the world's side of that interface.
+Run folder: what the shared trainer writes (train_config.json, log.jsonl with the loss per
+timestep bin and per source, checkpoint/ with adapters, EMA, optimizer and RNG states), plus
+pool/ (the generator samples; `pool_dir` may name a shared one), corrector/ (the shippable fp16
+EMA LoRA + corrector.json, what the `world-mmdit` corrector loads, written with every
+checkpoint), val.jsonl and samples/ (validation: the share of failed validation samples fixed
+by one correction with the oracle's reflection, and the share of passed ones broken by a "keep"
+correction), scores.json at the end. With `genref` set, val.jsonl and val/ hold the GenRef
+validation instead (a registered verifier, the exact evaluator by default) and there is no pool.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
 from ..backends.world.mmdit import (
     DEFAULT_GENERATOR,
@@ -59,24 +63,27 @@ from ..backends.world.mmdit import (
 from ..models.flow import RectifiedFlow
 from ..models.lora import LORA_TARGETS, LoRAConfig, apply_lora, target_names
 from ..models.mmdit import COND_ATTENTION, SIZES, MMDiT
-from ..models.text import Tokenizer
 from ..world import spec
 from ..world.evaluate import evaluate_image
 from ..world.flaws import FLAW_KINDS, plant_flaw
 from ..world.render import render, sample_scene
-from .corrector_common import CorrectorBatch, CorrectorFamily, CorrectorTrainConfig, train_corrector
-from .corrector_pool import KEEP, POOL_TAG_WEIGHTS, Pool, PoolSettings, build_pool, default_workers, scene_detections
-from .loop import (
-    Batch,
-    StepBatches,
-    TrainConfig,
-    TrainResult,
-    resolve_device,
-    to_model_space,
-    to_uint8,
-    train_flow_model,
+from .corrector_common import (
+    BatchSource,
+    CorrectorBatch,
+    CorrectorFamily,
+    CorrectorTrainConfig,
+    CorrectorTrainResult,
+    Validator,
+    apply_dropout,
+    check_resumable,
+    train_corrector,
 )
+from .corrector_pool import KEEP, POOL_TAG_WEIGHTS, Pool, PoolSettings, build_pool, default_workers, scene_detections
+from .loop import resolve_device, to_model_space, to_uint8
 from .world import DEFAULT_TAG_WEIGHTS, save_grid, spread
+
+if TYPE_CHECKING:
+    from ..data.genref import MixSchedule
 
 SOURCES = ("editing", "rule", "keep", "reward", "length")
 SUBSETS = ("general", "length", "rule", "editing")  # GenRef's (data.genref.SUBSETS, which imports the shard reader)
@@ -89,22 +96,36 @@ BLANK = np.broadcast_to(np.array(spec.BACKGROUND, np.uint8), (spec.IMAGE_SIZE, s
 
 
 @dataclass
-class WorldCorrectorConfig(TrainConfig):
+class WorldCorrectorConfig(CorrectorTrainConfig):
+    """The shared trainer's settings with the world's defaults, and the world's own (model, pool, mix)."""
+
     out_dir: str = "runs/world-corrector"
-    generator: str = str(DEFAULT_GENERATOR)  # the frozen base (model_size and model_overrides are unused)
+    generator: str = str(DEFAULT_GENERATOR)  # the frozen base
     cond_attention: str = "full"  # full | causal_kv (condition tokens attend only to themselves)
-    lora_rank: int = 32  # the released corrector config (the paper's text says 256)
-    lora_alpha: float = 32.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
     lora_scope: str = "cond"  # cond: adapters act on condition tokens only (OminiControl); all: everywhere
     batch_size: int = 256
     max_steps: int = 4000
+    optimizer: str = "adamw"
     lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    lr_schedule: str = "cosine"
     warmup_steps: int = 100
-    grad_clip: float = 0.5  # the original's
+    min_lr_ratio: float = 0.1
     ema_decay: float = 0.995  # short runs: a 200-step average
-    image_dropout: float = 0.1
-    reflection_dropout: float = 0.1
+    bf16: bool = True  # autocast on CUDA (the world's weights stay fp32); the CPU runs fp32
+    gradient_checkpointing: bool = False  # (not used: the world's model is small)
+    num_workers: int = 4  # pool batches are rendered on the CPU: workers make them ahead
+    log_every: int = 50
+    val_every: int = 500
+    # Pool: failed (and as many passed) validation samples corrected per validation; GenRef: samples.
+    val_size: int = 256
+    val_verifier: str = "world-oracle"  # scores GenRef validation corrections (the pool's use the evaluator)
+    val_steps: int = 20  # Euler steps of validation corrections and of the pool's generator samples
+    val_guidance: float = 3.0  # CFG scale of both
+    trackers: tuple[str, ...] = ()
+    # The subset mix (the core's `mix` is derived from these by `validate`).
     mix_start: dict = field(default_factory=lambda: dict(ORIGINAL_MIX_START))
     mix_end: dict = field(default_factory=lambda: dict(DEFAULT_MIX_END))
     mix_steps: int = 1000
@@ -115,33 +136,19 @@ class WorldCorrectorConfig(TrainConfig):
     pool_tag_weights: dict = field(default_factory=lambda: dict(POOL_TAG_WEIGHTS))
     pool_batch: int = 512
     label_workers: int = 0  # processes labelling the pool; 0: all cores but one
-    val_prompts: int = 553
-    val_samples: int = 2
-    val_max: int = 256  # failed and passed validation samples corrected at each validation (each)
-    log_every: int = 50
-    ckpt_every: int = 1000
-    sample_every: int = 500
-    genref: str | None = None  # GenRef shards: train through the shared corrector trainer instead of the pool
-    genref_val_verifier: str = "world-oracle"  # scores the GenRef validation corrections
+    val_prompts: int = 553  # validation prompts sampled into the pool
+    val_samples: int = 2  # samples per validation prompt
+
+    resumable_changes = CorrectorTrainConfig.resumable_changes | {"label_workers", "pool_batch"}
 
     def validate(self) -> WorldCorrectorConfig:
         super().validate()
-        if self.genref:
-            from ..components import check_name
-            from ..data.shards import resolve_shards
-
-            resolve_shards(self.genref)  # a ShardError (ValueError) names what is missing
-            check_name("verifier", self.genref_val_verifier)
         if self.cond_attention not in COND_ATTENTION:
             raise ValueError(f"cond_attention {self.cond_attention!r}; accepted: {', '.join(COND_ATTENTION)}")
-        self.lora_targets = tuple(self.lora_targets)
         self.lora().validate()
-        if not target_names(MMDiT(SIZES["tiny"]()), self.lora_targets):
+        if not target_names(MMDiT(SIZES["tiny"]()), self.lora().targets):
             raise ValueError(f"lora_targets {list(self.lora_targets)} match no layer; the defaults are "
                              f"{', '.join(LORA_TARGETS)} (txt_* and img_fc1 exist too)")
-        for name in ("image_dropout", "reflection_dropout", "text_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.keep_share <= 1.0:
             raise ValueError(f"keep_share must be in [0, 1], got {self.keep_share}")
         for name in ("mix_start", "mix_end"):
@@ -154,7 +161,7 @@ class WorldCorrectorConfig(TrainConfig):
         if bad or sum(self.pool_tag_weights.values()) <= 0 or any(w < 0 for w in self.pool_tag_weights.values()):
             raise ValueError(f"pool_tag_weights must weigh categories ({', '.join(spec.TAGS)}), "
                              f"got {self.pool_tag_weights}")
-        for name in ("pool_size", "pool_batch", "val_samples", "val_max"):
+        for name in ("pool_size", "pool_batch", "val_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pool_per_prompt < 2:
@@ -162,25 +169,37 @@ class WorldCorrectorConfig(TrainConfig):
                              f"got {self.pool_per_prompt}")
         if self.mix_steps < 0 or self.val_prompts < 0 or self.label_workers < 0:
             raise ValueError("mix_steps, val_prompts and label_workers must be >= 0")
+        self.mix = self.mix_schedule().to_dict()
         if not (Path(self.generator) / "model.safetensors").is_file():
             raise FileNotFoundError(f"{Path(self.generator) / 'model.safetensors'}: no generator weights; "
                                     f"{TRAIN_GENERATOR_HINT}")
         return self
 
     def lora(self) -> LoRAConfig:
-        return LoRAConfig(self.lora_rank, self.lora_alpha, tuple(self.lora_targets), self.lora_scope)
+        return LoRAConfig(self.lora_rank, self.lora_alpha, tuple(self.lora_targets) or LORA_TARGETS, self.lora_scope)
+
+    def mix_schedule(self) -> MixSchedule:
+        """The subset mix as data.genref.MixSchedule: mix_start at step 0, linearly to mix_end at mix_steps."""
+        from ..data.genref import MixSchedule
+
+        if self.mix_steps == 0:
+            return MixSchedule.constant(self.mix_end)
+        return MixSchedule.linear(self.mix_start, self.mix_end, self.mix_steps)
 
     def pool_settings(self) -> PoolSettings:
         return PoolSettings(file_sha256(Path(self.generator) / "model.safetensors"), self.pool_size,
-                            self.pool_per_prompt, dict(self.pool_tag_weights), self.sample_steps, self.cfg_scale,
+                            self.pool_per_prompt, dict(self.pool_tag_weights), self.val_steps, self.val_guidance,
                             self.seed, self.val_prompts, self.val_samples)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pool's batches
 
 
 def source_weights(cfg: WorldCorrectorConfig, step: int, available: set[str]) -> np.ndarray:
     """Probability of each of SOURCES at `step`: the subset mix, rule split into rule and keep, and
     sources without data (a pool with no failure, say) left out."""
-    frac = 1.0 if cfg.mix_steps == 0 else min(1.0, step / cfg.mix_steps)
-    sub = {s: (1 - frac) * cfg.mix_start.get(s, 0.0) + frac * cfg.mix_end.get(s, 0.0) for s in SUBSETS}
+    sub = cfg.mix_schedule().weights(step)
     w = {"editing": sub["editing"], "rule": sub["rule"] * (1 - cfg.keep_share), "keep": sub["rule"] * cfg.keep_share,
          "reward": sub["general"], "length": sub["length"]}
     p = np.array([w[s] if s in available else 0.0 for s in SOURCES])
@@ -189,12 +208,24 @@ def source_weights(cfg: WorldCorrectorConfig, step: int, available: set[str]) ->
     return p / p.sum()
 
 
-class CorrectorBatches(StepBatches):
-    """Endless batches (target, text, source, condition) from `start_step`; worker w of n makes the
-    batches of steps start+w, start+w+n, ... (the DataLoader yields them in order)."""
+@dataclass
+class Pair:
+    good: np.ndarray  # (64, 64, 3) uint8 target
+    bad: np.ndarray  # (64, 64, 3) uint8 condition
+    prompt: str
+    reflection: str
+    key: str  # where it came from: "rule/17" (pool sample 17), "editing/<seed>", ...
 
-    def __init__(self, cfg: WorldCorrectorConfig, pool: Pool, tokenizer: Tokenizer, start_step: int):
-        self.cfg, self.pool, self.tok, self.start_step = cfg, pool, tokenizer, start_step
+
+class PoolBatches(BatchSource):
+    """Batch `step` from the five sources, a pure function of (seed, step, rank), so DataLoader
+    workers make batches ahead (rendering editing pairs is CPU work)."""
+
+    subsets = SOURCES
+    stateless = True
+
+    def __init__(self, cfg: WorldCorrectorConfig, pool: Pool, rank: int = 0):
+        self.cfg, self.pool, self.rank = cfg, pool, rank
         rows = pool.samples
         self.fail = [i for i, r in enumerate(rows) if r["target"] >= 0]
         self.passed = [i for i, r in enumerate(rows) if r["correct"]]
@@ -211,7 +242,7 @@ class CorrectorBatches(StepBatches):
         self.prompt_space = [spec._all_combinations(t) for t in spec.TAGS]
         self._refined: dict[int, str] = {}
 
-    def editing_pair(self, rng: random.Random) -> tuple[np.ndarray, np.ndarray, str, str]:
+    def editing_pair(self, rng: random.Random) -> Pair:
         from ..backends.world.oracle import reflect_commands
         from ..world.commands import format_reflection
 
@@ -225,7 +256,7 @@ class CorrectorBatches(StepBatches):
             commands = reflect_commands(scene_detections(bad), meta)
             if commands[0].op == "keep":  # a flaw GenEval and the oracle cannot see teaches nothing
                 continue
-            return render(scene), render(bad), meta["prompt"], format_reflection(commands)
+            return Pair(render(scene), render(bad), meta["prompt"], format_reflection(commands), "")
         raise RuntimeError("no editing pair in 50 draws")  # unreachable for world v1 prompts
 
     def refined_prompt(self, i: int) -> str:
@@ -238,48 +269,34 @@ class CorrectorBatches(StepBatches):
             self._refined[i] = RuleRefiner().refine([req])[0].text
         return self._refined[i]
 
-    def pair(self, source: str, rng: random.Random) -> tuple[np.ndarray, np.ndarray, str, str]:
-        """(target, condition, prompt, reflection) of one sample of `source`."""
+    def pair(self, source: str, seed: int) -> Pair:
+        """One sample of `source`, drawn with `seed`."""
+        rng = random.Random(seed)
         rows, images = self.pool.samples, self.pool.images
         if source == "editing":
-            return self.editing_pair(rng)
+            p = self.editing_pair(rng)
+            p.key = f"editing/{seed}"
+            return p
         if source in ("rule", "length"):
             i = self.fail[rng.randrange(len(self.fail))]
             prompt = rows[i]["prompt"] if source == "rule" else self.refined_prompt(i)
-            return self.pool.targets[rows[i]["target"]], images[i], prompt, rows[i]["reflection"]
+            return Pair(self.pool.targets[rows[i]["target"]], images[i], prompt, rows[i]["reflection"], f"{source}/{i}")
         if source == "keep":
             i = self.passed[rng.randrange(len(self.passed))]
-            return images[i], images[i], rows[i]["prompt"], KEEP
+            return Pair(images[i], images[i], rows[i]["prompt"], KEEP, f"keep/{i}")
         a, b = self.reward[rng.randrange(len(self.reward))]
-        return images[b], images[a], rows[a]["prompt"], rows[a]["reflection"]
+        return Pair(images[b], images[a], rows[a]["prompt"], rows[a]["reflection"], f"reward/{a}-{b}")
 
-    def batch_at(self, step: int) -> tuple[torch.Tensor, ...]:
+    def batch(self, step: int) -> CorrectorBatch:
         cfg, B = self.cfg, self.cfg.batch_size
-        rng = np.random.default_rng([cfg.seed, step, 1])
+        rng = np.random.default_rng([cfg.seed, step, self.rank, 1])
         src = rng.choice(len(SOURCES), size=B, p=source_weights(cfg, step, self.available))
         seeds = rng.integers(0, 2**63, size=B)
-        drop_image = rng.random(B) < cfg.image_dropout
-        drop_reflection = rng.random(B) < cfg.reflection_dropout
-        goods, bads, texts = [], [], []
-        for j in range(B):
-            good, bad, prompt, reflection = self.pair(SOURCES[src[j]], random.Random(int(seeds[j])))
-            goods.append(good)
-            bads.append(BLANK if drop_image[j] else bad)
-            texts.append(prompt if drop_reflection[j] else corrector_text(prompt, reflection, self.tok))
-        return (torch.from_numpy(np.stack(goods)), self.tok(texts), torch.from_numpy(src.astype(np.int64)),
-                torch.from_numpy(np.stack(bads)))  # (B, 64, 64, 3) uint8, (B, L), (B,), (B, 64, 64, 3)
-
-
-def corrector_batches(cfg: WorldCorrectorConfig, pool: Pool, tokenizer: Tokenizer):
-    def make(start_step: int) -> Iterator[Batch]:
-        ds = CorrectorBatches(cfg, pool, tokenizer, start_step)
-        loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
-                            pin_memory=resolve_device(cfg.device).type == "cuda",
-                            prefetch_factor=4 if cfg.num_workers else None)
-        for good, text, src, bad in loader:
-            yield Batch(images=good, text=text, tags=src, cond=bad)
-
-    return make
+        pairs = [self.pair(SOURCES[k], int(seed)) for k, seed in zip(src, seeds)]
+        batch = CorrectorBatch(good=[p.good for p in pairs], bad=[p.bad for p in pairs],
+                               prompts=[p.prompt for p in pairs], reflections=[p.reflection for p in pairs],
+                               subsets=[SOURCES[k] for k in src], keys=[p.key for p in pairs])
+        return apply_dropout(batch, cfg, step, self.rank)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,9 +326,9 @@ def correct_images(model: MMDiT, images: np.ndarray, prompts: Sequence[str], ref
     return (np.concatenate(out) if out else np.zeros((0, 64, 64, 3), np.uint8)), nfe
 
 
-class Validation:
+class Validation(Validator):
     """Correct failed validation samples with their oracle reflections and passed ones with "keep";
-    report the share fixed and the share broken."""
+    report the share fixed and the share broken (samples/step_*.png: condition, correction pairs)."""
 
     def __init__(self, cfg: WorldCorrectorConfig, pool: Pool):
         self.cfg, self.out = cfg, Path(cfg.out_dir)
@@ -319,7 +336,7 @@ class Validation:
         fail = [i for i, r in enumerate(val) if not r["correct"]]
         ok = [i for i, r in enumerate(val) if r["correct"]]
         # evenly through the category-ordered list, so every category is represented
-        self.fail, self.ok = spread(fail, cfg.val_max), spread(ok, cfg.val_max)
+        self.fail, self.ok = spread(fail, cfg.val_size), spread(ok, cfg.val_size)
         idx = self.fail + self.ok
         self.images = np.asarray(pool.val_images[idx]) if idx else np.zeros((0, 64, 64, 3), np.uint8)
         self.rows = [val[i] for i in idx]
@@ -328,11 +345,11 @@ class Validation:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __call__(self, step: int, model: MMDiT) -> dict:
+    def __call__(self, step: int, family: WorldFamily) -> dict:
         reflections = [r["reflection"] if not r["correct"] else KEEP for r in self.rows]
         seeds = [1_000_000 + i for i in range(len(self.rows))]  # not the samples' own noises
-        out, nfe = correct_images(model, self.images, [r["prompt"] for r in self.rows], reflections, seeds,
-                                  self.cfg.sample_steps, self.cfg.cfg_scale)
+        out, nfe = correct_images(family.model, self.images, [r["prompt"] for r in self.rows], reflections, seeds,
+                                  self.cfg.val_steps, self.cfg.val_guidance)
         now = [evaluate_image(img, m).correct for img, m in zip(out, self.metas)]
         nf = len(self.fail)
         result = {"step": step, "fixed": round(float(np.mean(now[:nf])), 4) if nf else None,
@@ -340,85 +357,19 @@ class Validation:
                   "failed_samples": nf, "passed_samples": len(now) - nf, "nfe": nfe}
         pairs = np.stack([self.images[:48], out[:48]], 1).reshape(-1, *out.shape[1:]) if len(out) else out
         save_grid(pairs, self.out / "samples" / f"step_{step:06d}.png")  # (condition, correction) pairs
-        log = self.out / "val.jsonl"
-        rows = [ln for ln in log.read_text().splitlines() if json.loads(ln)["step"] < step] if log.exists() else []
-        log.write_text("".join(r + "\n" for r in rows + [json.dumps(result)]))  # a resumed run rewrites later lines
-        if self.cfg.progress:
-            from tqdm import tqdm
-
-            tqdm.write(f"step {step}: validation fixed {result['fixed']} broken {result['broken']}")
         return result
 
-
-# ----------------------------------------------------------------------------------------------
-# The command
-
-
-@dataclass
-class WorldCorrectorResult:
-    train: TrainResult
-    pool: dict  # the pool's summary (samples, failed, fixable, ...)
-    scores: dict | None  # the final validation (None without validation samples)
+    def describe(self, row: dict) -> str:
+        return f"fixed {row['fixed']} broken {row['broken']}"
 
 
-def _check_resume(cfg: WorldCorrectorConfig) -> None:
-    """A resumed run must keep what shapes the adapters and their base."""
-    saved_path = Path(cfg.out_dir) / "train_config.json"
-    if not (cfg.resume and (Path(cfg.out_dir) / "checkpoint").exists() and saved_path.is_file()):
-        return
-    saved = json.loads(saved_path.read_text())
-    now = cfg.to_dict()
-    keys = ("generator", "cond_attention", "lora_rank", "lora_alpha", "lora_targets", "lora_scope", "seed")
-    differ = [k for k in keys if json.loads(json.dumps(now[k])) != saved.get(k)]
-    if differ:
-        raise ValueError(f"{cfg.out_dir}: the checkpoint was trained with other {', '.join(differ)}; resume with "
-                         "the same settings or start a new out_dir")
-
-
-def prepare_pool(cfg: WorldCorrectorConfig, model: MMDiT | None = None) -> Pool:
-    """Build (or reuse) the run's pool of judged generator samples."""
-    cfg.validate()
-    folder = Path(cfg.pool_dir) if cfg.pool_dir else Path(cfg.out_dir) / "pool"
-    settings = cfg.pool_settings()
-    if not (folder / "pool.json").is_file():
-        model = model or load_generator(cfg.generator, device=resolve_device(cfg.device))
-    build_pool(model, settings, folder, cfg.label_workers or default_workers(), cfg.pool_batch, cfg.progress)
-    return Pool.load(folder)
-
-
-def train_world_corrector(cfg: WorldCorrectorConfig) -> WorldCorrectorResult:
-    """Train the corrector's LoRA; OUT/corrector holds the shippable adapters."""
-    cfg.validate()
-    if cfg.genref:
-        return train_world_corrector_genref(cfg)
-    _check_resume(cfg)
-    out = Path(cfg.out_dir)
-    if (out / "checkpoint").exists() and not cfg.resume:
-        raise ValueError(f"{out} already holds a checkpoint; pass resume=True (--resume) to continue it or pick "
-                         "another out_dir")
-    model = load_generator(cfg.generator, cfg.cond_attention, device=resolve_device(cfg.device))
-    pool = prepare_pool(cfg, model)
-    torch.manual_seed(cfg.seed)  # the adapters' initialisation
-    model = apply_lora(model, cfg.lora())
-    validation = Validation(cfg, pool)
-
-    def export(run: Path, ema: MMDiT) -> None:
-        step = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
-        save_corrector(run / "corrector", ema, cfg.lora(), cfg.generator,
-                       {"step": step, "train_config": cfg.to_dict(), "pool": pool.summary})
-
-    result = train_flow_model(cfg, model, corrector_batches(cfg, pool, model.tokenizer),
-                              validate=validation if len(validation) else None, tag_names=SOURCES, export=export)
-    scores = validation(result.step, result.ema) if len(validation) else None
-    report = {"validation": scores, "steps": result.step, "train_minutes": round(result.minutes, 2),
-              "cond_attention": cfg.cond_attention, "lora": {"rank": cfg.lora_rank, "scope": cfg.lora_scope},
-              "pool": pool.summary}
-    (out / "scores.json").write_text(json.dumps(report, indent=1) + "\n")
-    return WorldCorrectorResult(train=result, pool=pool.summary, scores=scores)
+def pool_validation(cfg: WorldCorrectorConfig, pool: Pool) -> Validation | None:
+    v = Validation(cfg, pool)
+    return v if len(v) else None  # val_size 0, or a pool without validation samples
 
 
 # ----------------------------------------------------------------------------------------------
-# The world family of the shared corrector trainer (GenRef shards in, train/corrector_common.py)
+# The world family of the shared corrector trainer
 
 
 class _WorldModule(nn.Module):
@@ -432,41 +383,49 @@ class _WorldModule(nn.Module):
         return self.model(x_t, t, inputs["text"], inputs["cond"])  # (B, 3, 64, 64)
 
 
-class WorldGenRefFamily(CorrectorFamily):
+class WorldFamily(CorrectorFamily):
     """The world's MMDiT corrector behind the shared trainer's interface: pixels are the flow's data,
     the world tokenizer reads `corrector_text` (shortened to its word budget), a dropped image is
-    the blank canvas, as in the pool trainer."""
+    the blank canvas, the adapters ship as OUT/corrector (what the world-mmdit corrector loads).
+    `info` joins corrector.json (the pool's summary, say)."""
 
     default_verifier = "world-oracle"
+    adapters_folder = "corrector"
 
-    def __init__(self, cfg: WorldCorrectorConfig, device: torch.device):
-        self.cfg = cfg
+    def __init__(self, cfg: WorldCorrectorConfig, device: torch.device, info: dict | None = None):
+        self.cfg, self.info = cfg, dict(info or {})
         model = load_generator(cfg.generator, cfg.cond_attention, device=device)
         self.model = apply_lora(model, cfg.lora()).to(device)
         self.module = _WorldModule(self.model)
+        self.tokenizer, self.size = self.model.tokenizer, self.model.config.image_size
 
-    def encode(self, batch: CorrectorBatch, device: torch.device) -> tuple[torch.Tensor, dict]:
-        tok = self.model.tokenizer
-        size = self.model.config.image_size
-
-        def pixels(images) -> torch.Tensor:
-            arr = np.stack([_fit(im, size) for im in images])  # (B, 64, 64, 3) uint8
-            return to_model_space(torch.from_numpy(arr).to(device))  # (B, 3, 64, 64)
-
+    def prepare(self, batch: CorrectorBatch) -> dict[str, torch.Tensor]:
+        """Images stacked and texts tokenized on the CPU (in a DataLoader worker with the pool)."""
+        tok = self.tokenizer
         texts = [corrector_text(p, r, tok) if p and r else p for p, r in zip(batch.prompts, batch.reflections)]
-        cond = pixels([BLANK if b is None else b for b in batch.bad])
-        return pixels(batch.good), {"text": tok(texts).to(device), "cond": cond}
+        return {"good": _stack(batch.good, self.size),  # (B, 64, 64, 3) uint8
+                "cond": _stack([BLANK if b is None else b for b in batch.bad], self.size),  # (B, 64, 64, 3) uint8
+                "text": tok(texts),  # (B, L) int64
+                "start_ok": torch.tensor([b is not None for b in batch.bad])}  # (B,) bool
+
+    def encode(self, prepared: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, dict]:
+        x = {k: v.to(device, non_blocking=True) for k, v in prepared.items()}  # pinned when prefetched: no sync
+        cond = to_model_space(x["cond"])  # (B, 3, 64, 64)
+        # The condition is the previous image in the flow's own space: it is the partial-noise start too.
+        return to_model_space(x["good"]), {"text": x["text"], "cond": cond, "start": cond, "start_ok": x["start_ok"]}
 
     def correct(self, images, prompts, reflections, seeds) -> list[np.ndarray]:
-        size = self.model.config.image_size
-        out, _ = correct_images(self.model, np.stack([_fit(im, size) for im in images]), prompts, reflections, seeds,
-                                self.cfg.sample_steps, self.cfg.cfg_scale)
-        self.model.train()
+        out, _ = correct_images(self.model, _stack(images, self.size).numpy(), prompts, reflections, seeds,
+                                self.cfg.val_steps, self.cfg.val_guidance)
         return list(out)
 
     def save_adapters(self, folder: Path, info: dict) -> Path:
-        save_corrector(folder, self.model, self.cfg.lora(), self.cfg.generator, info)
+        save_corrector(folder, self.model, self.cfg.lora(), self.cfg.generator, {**info, **self.info})
         return Path(folder) / "lora.safetensors"
+
+
+def _stack(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([_fit(im, size) for im in images]))  # (B, size, size, 3) uint8
 
 
 def _fit(image: np.ndarray, size: int) -> np.ndarray:
@@ -477,31 +436,48 @@ def _fit(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
 
 
-def genref_train_config(cfg: WorldCorrectorConfig) -> CorrectorTrainConfig:
-    """The world corrector's settings as the shared trainer's config (the subset mix as a schedule)."""
-    from ..data.genref import MixSchedule
-
-    return CorrectorTrainConfig(
-        out_dir=cfg.out_dir, genref=cfg.genref, mix=MixSchedule.linear(cfg.mix_start, cfg.mix_end,
-                                                                      max(cfg.mix_steps, 1)).to_dict(),
-        batch_size=cfg.batch_size, max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, optimizer="adamw", lr=cfg.lr,
-        weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), lr_schedule="cosine", warmup_steps=cfg.warmup_steps,
-        grad_clip=cfg.grad_clip, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-        lora_targets=tuple(cfg.lora_targets), text_dropout=cfg.text_dropout, image_dropout=cfg.image_dropout,
-        reflection_dropout=cfg.reflection_dropout, t_mean=cfg.t_mean, t_std=cfg.t_std, bf16=cfg.bf16,
-        gradient_checkpointing=False, seed=cfg.seed, device=cfg.device, log_every=cfg.log_every,
-        ckpt_every=cfg.ckpt_every, val_every=cfg.sample_every, val_size=min(cfg.val_max, cfg.val_prompts),
-        val_verifier=cfg.genref_val_verifier, val_steps=cfg.sample_steps, val_guidance=cfg.cfg_scale, trackers=(),
-        resume=cfg.resume, progress=cfg.progress)
+# ----------------------------------------------------------------------------------------------
+# The command
 
 
-def train_world_corrector_genref(cfg: WorldCorrectorConfig, stop_after: int | None = None) -> WorldCorrectorResult:
-    """The world corrector trained on GenRef shards by the shared trainer; OUT/lora holds the adapters
-    (lora.safetensors + corrector.json, what the world-mmdit corrector loads)."""
-    core = genref_train_config(cfg)
-    res = train_corrector(core, WorldGenRefFamily, {"cfg": cfg}, name="world-corrector", stop_after=stop_after)
+@dataclass
+class WorldCorrectorResult:
+    train: CorrectorTrainResult
+    pool: dict  # the pool's summary (samples, failed, fixable, ...); empty when trained on GenRef
+    scores: dict | None  # the last validation row (None without validation)
+
+
+def prepare_pool(cfg: WorldCorrectorConfig) -> Pool:
+    """Build (or reuse) the run's pool of judged generator samples."""
+    cfg.validate()
+    folder = Path(cfg.pool_dir) if cfg.pool_dir else Path(cfg.out_dir) / "pool"
+    settings = cfg.pool_settings()
+    model = None
+    if not (folder / "pool.json").is_file():
+        model = load_generator(cfg.generator, device=resolve_device(cfg.device))
+    build_pool(model, settings, folder, cfg.label_workers or default_workers(), cfg.pool_batch, cfg.progress)
+    return Pool.load(folder)
+
+
+def train_world_corrector(cfg: WorldCorrectorConfig, stop_after: int | None = None) -> WorldCorrectorResult:
+    """Train the corrector's LoRA through the shared trainer on the pool (or on GenRef shards with
+    `genref` set); OUT/corrector holds the shippable adapters. `stop_after`: as train_corrector's."""
+    cfg.validate()
+    check_resumable(cfg)  # before the pool, which can take minutes to build
+    out = Path(cfg.out_dir)
+    if (out / "checkpoint").exists() and not cfg.resume:
+        raise ValueError(f"{out} already holds a checkpoint; pass resume=True (--resume) to continue it or pick "
+                         "another out_dir")
+    if cfg.genref:  # the shared trainer's defaults: GenRefBatches and the GenRef validation
+        pool, source, validation, info = None, None, None, {"genref": cfg.genref}
+    else:
+        pool = prepare_pool(cfg)
+        source = lambda rank, world_size: PoolBatches(cfg, pool, rank)  # noqa: E731
+        validation = lambda: pool_validation(cfg, pool)  # noqa: E731
+        info = {"pool": pool.summary}
+    res = train_corrector(cfg, WorldFamily, {"cfg": cfg, "info": info}, name="world-corrector",
+                          stop_after=stop_after, source=source, validation=validation)
     report = {"validation": res.validation, "steps": res.step, "train_minutes": round(res.minutes, 2),
-              "cond_attention": cfg.cond_attention, "lora": {"rank": cfg.lora_rank, "scope": cfg.lora_scope},
-              "genref": cfg.genref}
-    (Path(cfg.out_dir) / "scores.json").write_text(json.dumps(report, indent=1) + "\n")
-    return WorldCorrectorResult(train=res, pool={}, scores=None)
+              "cond_attention": cfg.cond_attention, "lora": {"rank": cfg.lora_rank, "scope": cfg.lora_scope}, **info}
+    (out / "scores.json").write_text(json.dumps(report, indent=1) + "\n")
+    return WorldCorrectorResult(train=res, pool=pool.summary if pool else {}, scores=res.validation)

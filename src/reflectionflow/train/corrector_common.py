@@ -3,29 +3,41 @@
 A corrector is a flow-matching model that sees the previous image as condition tokens and the text
 `prompt + " [Reflexion]: " + reflection`, with a LoRA on its condition branch. Two model families
 sit behind one small interface (`CorrectorFamily`): the world's MMDiT (train/corrector.py,
-`WorldGenRefFamily`) and FLUX.1 in the OminiControl layout (train/flux_corrector.py). Everything
-else is shared and lives here:
+`WorldFamily`) and FLUX.1 in the OminiControl layout (train/flux_corrector.py). Where the batches
+come from is a second interface (`BatchSource`): GenRef shards (`GenRefBatches`, the default) or
+the world's pool of judged generator samples (train/corrector.py, `PoolBatches`). Everything else
+is shared and lives here:
 
-- data: GenRef shards through `data.genref.GenRefReader` (one pass per epoch, the subset mix of the
-  step, exact resume), text / image / reflection dropout (10% each by default);
+- data: a source's batch of step s (GenRef: `data.genref.GenRefReader`, one pass per epoch, the
+  subset mix of the step, exact resume of the reader), text / image / reflection dropout (10% each
+  by default); the family's `prepare` (its CPU half: stacking, tokenizing) runs where the batch is
+  made, in `num_workers` DataLoader workers when the source is a pure function of the step;
 - loss: flow matching, t = sigmoid(N(0, 1)), x_t = (1 - t) x0 + t eps, target eps - x0, MSE
-  (models/flow.py's path and loss functions), per-sample losses logged per subset and t-bin;
+  (models/flow.py's path and loss functions), or for `partial_share` of the samples the path of a
+  start from the partly noised previous image; per-sample losses logged per subset and t-bin;
 - the loop: `accelerate` (one process, or several GPUs and nodes under `accelerate launch`),
-  AdamW or Prodigy, warm-up then constant or cosine lr, gradient clipping, bf16 autocast;
-- checkpoints written atomically, holding everything exact resume needs: adapters, optimizer,
-  lr scheduler, step, every process's RNG states and GenRef reader position, and the config;
-- validation every `val_every` steps: a fixed set of GenRef samples corrected with the current
-  adapters and scored by any registered verifier.
+  AdamW or Prodigy, warm-up then constant or cosine lr (down to `min_lr_ratio`), gradient clipping,
+  bf16 autocast, optional torch.compile, optional EMA of the adapters (`ema_decay`; the exported
+  adapters and validation then use the EMA weights);
+- checkpoints written atomically, holding everything exact resume needs: adapters, EMA, optimizer,
+  lr scheduler, step, every process's RNG states and source state (the GenRef reader position),
+  and the config;
+- validation every `val_every` steps and at the end: by default a fixed set of GenRef samples
+  corrected with the current adapters and scored by any registered verifier (`CorrectorValidation`);
+  a caller may pass its own `Validator` (the world pool's: share fixed, share broken).
 
 Run folder:
     OUT/train_config.json         the resolved config
     OUT/log.jsonl                 loss (mean, per subset, per t-bin), lr, images/s, memory
-    OUT/val.jsonl                 per validation: verifier score of the corrected images, and of
-                                  the condition ("before") and target images as reference
-    OUT/val/step_*.png            (condition | correction | target) rows
-    OUT/checkpoint/               adapters.safetensors (fp32), optimizer.pt, scheduler.pt,
-                                  state.json (step, config), rank_<r>.pt (RNG + reader state)
-    OUT/lora/                     the shippable adapters (the family's format), with every checkpoint
+    OUT/val.jsonl                 one row per validation (the validator's: GenRef's holds the verifier
+                                  score of the corrected images, and of the condition ("before") and
+                                  target images as reference)
+    OUT/val/step_*.png            (condition | correction | target) rows (GenRef validation)
+    OUT/checkpoint/               adapters.safetensors (fp32), ema.safetensors (fp32, with EMA),
+                                  optimizer.pt, scheduler.pt, state.json (step, config),
+                                  rank_<r>.pt (RNG + source state)
+    OUT/<family.adapters_folder>/ the shippable adapters (the family's format: OUT/lora for FLUX,
+                                  OUT/corrector for the world), with every checkpoint
     OUT/tensorboard/              when tensorboard is installed (else log.jsonl only)
 """
 
@@ -38,22 +50,28 @@ import random
 import shutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .loop import StepBatches, ema_decay_at
+
 OPTIMIZERS = ("adamw", "prodigy")
 LR_SCHEDULES = ("constant", "cosine")
 TRACKERS = ("tensorboard", "wandb")
 LOSS_BINS = 10
+NO_GENREF = "genref: no GenRef shards given (a folder, glob or brace pattern of .tar shards)"
 # Fields a resumed run may change; any other difference means another experiment.
 RESUMABLE_CHANGES = frozenset({"out_dir", "max_steps", "max_minutes", "log_every", "ckpt_every", "val_every",
                                "val_size", "val_steps", "val_guidance", "val_verifier", "val_verifier_options",
-                               "val_genref", "trackers", "resume", "progress", "log_keys", "device"})
+                               "val_genref", "trackers", "resume", "progress", "log_keys", "device",
+                               "num_workers", "compile"})
 
 
 def _original_mix() -> dict:
@@ -67,7 +85,9 @@ class CorrectorTrainConfig:
     """What every corrector run sets; a family's config adds its model fields."""
 
     out_dir: str = "runs/corrector"
-    genref: str = ""  # GenRef shards: a folder, a glob, a brace pattern (genref_{0..208}.tar) or a URL list
+    # GenRef shards: a folder, a glob, a brace pattern (genref_{0..208}.tar) or a URL list; the data
+    # of the default source (a caller passing its own BatchSource may leave it empty)
+    genref: str = ""
     mix: dict = field(default_factory=_original_mix)  # {"stages": [...], "ratios": {subset: [...]}}
     buffer_size: int = 256  # encoded samples held per subset (the sample-level shuffle)
     batch_size: int = 8  # per process (the original: 8 per GPU on 8 GPUs)
@@ -79,7 +99,9 @@ class CorrectorTrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine: decays to lr * this at max_steps
     grad_clip: float = 0.5  # the original's
+    ema_decay: float = 0.0  # EMA of the adapters (0: none); when on, exports and validation use it
     lora_rank: int = 32  # the released config (the paper's text says 256)
     lora_alpha: float = 32.0
     lora_targets: tuple[str, ...] = ()  # empty: the family's defaults (the released corrector's layers)
@@ -88,8 +110,15 @@ class CorrectorTrainConfig:
     reflection_dropout: float = 0.1
     t_mean: float = 0.0
     t_std: float = 1.0
+    # Partial-noise starts (the corrector run with strength s < 1 starts from the previous image
+    # noised to time s): this share of the samples with a condition image trains on that path
+    # (models/flow.partial_path_sample), at a start time drawn from partial_strengths.
+    partial_share: float = 0.0
+    partial_strengths: tuple[float, ...] = (0.5, 0.75)
     bf16: bool = True  # base weights in bf16 and autocast on CUDA; the CPU runs fp32
     gradient_checkpointing: bool = True
+    compile: bool = False  # torch.compile the module
+    num_workers: int = 0  # DataLoader workers making batches ahead (sources that are a pure function of the step)
     seed: int = 0
     device: str = "auto"  # a single process's device; under accelerate launch each process takes its own
     log_every: int = 10
@@ -106,6 +135,8 @@ class CorrectorTrainConfig:
     resume: bool = False
     progress: bool = True
 
+    resumable_changes: ClassVar[frozenset[str]] = RESUMABLE_CHANGES
+
     def validate(self) -> CorrectorTrainConfig:
         """Cheap checks only (no weights): the values, the shards' names, the verifier's name."""
         from ..components import check_name
@@ -116,7 +147,7 @@ class CorrectorTrainConfig:
                      "buffer_size", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "val_size"):
+        for name in ("warmup_steps", "val_size", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:
@@ -128,9 +159,13 @@ class CorrectorTrainConfig:
             raise ValueError(f"lr_schedule {self.lr_schedule!r}; accepted: {', '.join(LR_SCHEDULES)}")
         if self.lr <= 0 or self.lora_alpha <= 0:
             raise ValueError(f"lr and lora_alpha must be > 0, got {self.lr} and {self.lora_alpha}")
-        for name in ("text_dropout", "image_dropout", "reflection_dropout"):
+        for name in ("text_dropout", "image_dropout", "reflection_dropout", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check_partial(self.partial_share, self.partial_strengths)
+        self.partial_strengths = tuple(float(x) for x in self.partial_strengths)
         self.trackers = tuple(self.trackers)
         bad = [t for t in self.trackers if t not in TRACKERS]
         if bad:
@@ -139,9 +174,8 @@ class CorrectorTrainConfig:
             raise ValueError("tracker 'wandb' needs the wandb package (pip install wandb)")
         self.lora_targets = tuple(self.lora_targets)
         self.betas = tuple(self.betas)
-        if not self.genref:
-            raise ValueError("genref: no GenRef shards given (a folder, glob or brace pattern of .tar shards)")
-        resolve_shards(self.genref)  # a ShardError (ValueError) names what is missing
+        if self.genref:
+            resolve_shards(self.genref)  # a ShardError (ValueError) names what is missing
         if self.val_genref:
             resolve_shards(self.val_genref)
         MixSchedule.from_dict(self.mix)  # a GenRefError (ValueError) names the bad subset or stage
@@ -161,8 +195,36 @@ class CorrectorTrainConfig:
         return cls(**values)
 
 
+def check_partial(share: float, strengths: Sequence[float]) -> None:
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"partial_share must be in [0, 1], got {share}")
+    if share > 0 and (not len(strengths) or any(not 0.0 < float(x) <= 1.0 for x in strengths)):
+        raise ValueError(f"partial_strengths must be start times in (0, 1], got {list(strengths)}")
+
+
+def partial_path(x0: torch.Tensor, eps: torch.Tensor, u: torch.Tensor, inputs: dict, share: float,
+                 strengths: Sequence[float] | torch.Tensor, generator: torch.Generator):
+    """The step's flow path: the plain one, or with `share` > 0 the partial-noise start path for that
+    share of the samples that have a previous image (`inputs["start"]`, (B, ...) in x0's space, and
+    `inputs["start_ok"]`, (B,) bool; a family that trains partial starts puts both there).
+    `strengths` may be a tensor on x0's device already (the loop's, so no copy per step)."""
+    from ..models.flow import partial_path_sample, path_sample
+
+    if share <= 0:
+        return path_sample(x0, eps, u)
+    if "start" not in inputs:
+        raise ValueError("partial_share > 0 needs the previous image as a start (inputs['start']); this model "
+                         "family does not give it")
+    B, dev = x0.shape[0], x0.device
+    strengths = torch.as_tensor(strengths, device=dev, dtype=torch.float32)
+    use = (torch.rand(B, device=dev, generator=generator) < share) & inputs["start_ok"].to(dev)
+    pick = torch.randint(len(strengths), (B,), device=dev, generator=generator)
+    s = torch.where(use, strengths[pick], torch.ones(B, device=dev))
+    return partial_path_sample(x0, eps, u, inputs["start"], s)
+
+
 # ----------------------------------------------------------------------------------------------
-# Data: GenRef triplets -> batches with the three dropouts
+# Data: a source's batches (GenRef triplets, the world's pool) with the three dropouts
 
 
 @dataclass
@@ -173,46 +235,111 @@ class CorrectorBatch:
     bad: list[np.ndarray | None]  # conditions; None: image dropped (the family draws its blank)
     prompts: list[str]  # "" where the text was dropped
     reflections: list[str]  # "" where the reflection (or the whole text) was dropped
-    subsets: list[str]
+    subsets: list[str]  # one of the source's `subsets` per sample (the loss is logged by them)
     keys: list[str]
 
     def __len__(self) -> int:
         return len(self.good)
 
 
-class GenRefBatches:
+def apply_dropout(batch: CorrectorBatch, cfg: CorrectorTrainConfig, step: int, rank: int) -> CorrectorBatch:
+    """Text, image and reflection dropout with flags drawn from (seed, step, rank): a dropped image
+    becomes None (the family's blank), a dropped reflection leaves the prompt alone, a dropped text
+    leaves nothing (the empty prompt, CFG's unconditional input)."""
+    B = len(batch)
+    rng = np.random.default_rng([cfg.seed, step, rank, 11])
+    drop_text = rng.random(B) < cfg.text_dropout
+    drop_image = rng.random(B) < cfg.image_dropout
+    drop_reflection = rng.random(B) < cfg.reflection_dropout
+    return CorrectorBatch(
+        good=batch.good,
+        bad=[None if drop_image[i] else b for i, b in enumerate(batch.bad)],
+        prompts=["" if drop_text[i] else p for i, p in enumerate(batch.prompts)],
+        reflections=["" if drop_text[i] or drop_reflection[i] else r for i, r in enumerate(batch.reflections)],
+        subsets=batch.subsets, keys=batch.keys)
+
+
+class BatchSource(ABC):
+    """Where a run's batches come from: `batch(step)` is this process's batch of that step, with the
+    dropouts applied (`apply_dropout`). A source with state between steps saves and restores it for
+    exact resume; a `stateless` one (a pure function of the step) may be made ahead by DataLoader
+    workers."""
+
+    subsets: tuple[str, ...]  # what CorrectorBatch.subsets holds; the loss is logged per name
+    stateless: bool = False
+
+    @abstractmethod
+    def batch(self, step: int) -> CorrectorBatch: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state between steps, got {sorted(state)}")
+
+
+SourceFactory = Callable[[int, int], BatchSource]  # (rank, world size) -> this process's source
+
+
+class GenRefBatches(BatchSource):
     """Batch `step` = the reader's next `batch_size` draws under the step's subset mix, plus dropout
     flags drawn from (seed, step, rank). Resumable through `state_dict` (the reader's position)."""
 
     def __init__(self, cfg: CorrectorTrainConfig, rank: int = 0, world_size: int = 1):
-        from ..data.genref import GenRefReader, MixSchedule
+        from ..data.genref import SUBSETS, GenRefReader, MixSchedule
 
-        self.cfg, self.rank = cfg, rank
+        self.cfg, self.rank, self.subsets = cfg, rank, SUBSETS
         self.reader = GenRefReader(cfg.genref, seed=cfg.seed, buffer_size=cfg.buffer_size,
                                    mix=MixSchedule.from_dict(cfg.mix), samples_per_step=cfg.batch_size,
                                    rank=rank, world_size=world_size)
 
     def batch(self, step: int) -> CorrectorBatch:
-        cfg, B = self.cfg, self.cfg.batch_size
-        samples = [self.reader.draw(step) for _ in range(B)]
-        rng = np.random.default_rng([cfg.seed, step, self.rank, 11])
-        drop_text = rng.random(B) < cfg.text_dropout
-        drop_image = rng.random(B) < cfg.image_dropout
-        drop_reflection = rng.random(B) < cfg.reflection_dropout
-        return CorrectorBatch(
-            good=[s.good for s in samples],
-            bad=[None if drop_image[i] else s.bad for i, s in enumerate(samples)],
-            prompts=["" if drop_text[i] else s.prompt for i, s in enumerate(samples)],
-            reflections=["" if drop_text[i] or drop_reflection[i] else s.reflection for i, s in enumerate(samples)],
-            subsets=[s.subset for s in samples],
-            keys=[s.key for s in samples],
-        )
+        samples = [self.reader.draw(step) for _ in range(self.cfg.batch_size)]
+        batch = CorrectorBatch(good=[s.good for s in samples], bad=[s.bad for s in samples],
+                               prompts=[s.prompt for s in samples], reflections=[s.reflection for s in samples],
+                               subsets=[s.subset for s in samples], keys=[s.key for s in samples])
+        return apply_dropout(batch, self.cfg, step, self.rank)
 
     def state_dict(self) -> dict:
         return self.reader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.reader.load_state_dict(state)
+
+
+class Prepared(NamedTuple):
+    """A batch as the loop takes it: what the family's `prepare` made of it, and what logging needs."""
+
+    subsets: torch.Tensor  # (B,) int64 index into the source's subsets
+    keys: list[str]
+    data: object  # family.prepare(batch)
+
+
+class _PreparedSteps(StepBatches):
+    def __init__(self, source: BatchSource, prepare: Callable[[CorrectorBatch], object], start_step: int):
+        self.source, self.prepare, self.start_step = source, prepare, start_step
+        self.index = {name: i for i, name in enumerate(source.subsets)}
+
+    def batch_at(self, step: int) -> Prepared:
+        b = self.source.batch(step)
+        return Prepared(torch.tensor([self.index[x] for x in b.subsets], dtype=torch.long), list(b.keys),
+                        self.prepare(b))
+
+
+def prepared_batches(source: BatchSource, prepare: Callable[[CorrectorBatch], object], start_step: int,
+                     workers: int, pin_memory: bool) -> Iterator[Prepared]:
+    """The batches of steps start_step, start_step + 1, ...: made by `workers` DataLoader processes
+    when the source is stateless (worker w makes steps start + w, start + w + n, ..., so the order
+    does not depend on n), else here, one step at a time (a reader's state must follow the steps)."""
+    from torch.utils.data import DataLoader
+
+    steps = _PreparedSteps(source, prepare, start_step)
+    if not (source.stateless and workers > 0):
+        return iter(steps)
+    # Forked workers inherit the source and the family's `prepare`; tensors come back through shared
+    # memory and are pinned, so the loop's copies to the GPU need no host sync.
+    return iter(DataLoader(steps, batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=4))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,16 +349,23 @@ class GenRefBatches:
 class CorrectorFamily(ABC):
     """A corrector model family: `module(x_t, t, inputs) -> velocity` holds the trainable adapters.
 
-    `encode` turns a batch into the flow's data `x0` and the module's other inputs (no gradient:
-    VAE, text encoders, tokenizers); `correct` edits images with the current adapters; `save_adapters`
-    writes the shippable LoRA in the family's inference format.
+    `prepare` is the CPU half of encoding a batch (no weights, no device: stacking images, tokenizing;
+    it may run in a DataLoader worker), `encode` the rest: the flow's data `x0` and the module's
+    other inputs (no gradient: VAE, text encoders). `correct` edits images with the current
+    adapters; `save_adapters` writes the shippable LoRA in the family's inference format into
+    OUT/`adapters_folder`.
     """
 
     module: nn.Module
     default_verifier: str = ""
+    adapters_folder: str = "lora"
+
+    def prepare(self, batch: CorrectorBatch) -> object:
+        return batch
 
     @abstractmethod
-    def encode(self, batch: CorrectorBatch, device: torch.device) -> tuple[torch.Tensor, dict]: ...
+    def encode(self, prepared, device: torch.device) -> tuple[torch.Tensor, dict]:
+        """`prepared`: what `prepare` returned (the CorrectorBatch itself by default)."""
 
     @abstractmethod
     def correct(self, images: Sequence[np.ndarray], prompts: Sequence[str], reflections: Sequence[str],
@@ -244,10 +378,8 @@ class CorrectorFamily(ABC):
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
 
-
-
 # ----------------------------------------------------------------------------------------------
-# Optimizer and schedule
+# Optimizer, schedule, EMA
 
 
 def make_optimizer(cfg: CorrectorTrainConfig, params: list[nn.Parameter], device: torch.device):
@@ -267,11 +399,47 @@ def lr_factor(cfg: CorrectorTrainConfig, step: int) -> float:
     if cfg.lr_schedule == "constant":
         return 1.0
     frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + 12_345) % (2**63 - 1)
+
+
+class AdapterEMA:
+    """fp32 exponential moving average of the trainable adapters, with loop.EMA's warm-up."""
+
+    def __init__(self, params: dict[str, nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        torch._foreach_lerp_(list(self.shadow.values()), [p.detach().float() for p in self.params.values()],
+                             1 - ema_decay_at(self.decay, step))
+
+    @contextmanager
+    def applied(self):
+        """The EMA weights in the model inside the block (validation, export), the trained ones after."""
+        with torch.no_grad():
+            trained = {n: p.detach().clone() for n, p in self.params.items()}
+            for n, p in self.params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(trained[n])
+
+
+@contextmanager
+def _weights_to_use(ema: AdapterEMA | None):
+    if ema is None:
+        yield
+    else:
+        with ema.applied():
+            yield
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,13 +462,18 @@ def _set_rng_state(state: dict) -> None:
 
 
 def check_resumable(cfg: CorrectorTrainConfig) -> None:
-    """Refuse to resume a checkpoint trained with other settings (before any weights load)."""
+    """Refuse to resume a checkpoint trained with other settings (before any weights load). A field
+    the saved config lacks (added since) counts as its default."""
     state_file = Path(cfg.out_dir) / "checkpoint" / "state.json"
     if not state_file.is_file():
         return
     saved = json.loads(state_file.read_text())["config"]
     now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as saved
-    differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    defaults = json.loads(json.dumps({f.name: f.default if f.default is not MISSING else f.default_factory()
+                                      for f in fields(cfg) if f.default is not MISSING
+                                      or f.default_factory is not MISSING}))
+    differ = sorted(k for k in set(saved) | set(now) if k not in cfg.resumable_changes
+                    and saved.get(k, defaults.get(k)) != now.get(k))
     if differ:
         raise ValueError(f"{cfg.out_dir}: the checkpoint was trained with other {', '.join(differ)}; resume with "
                          "the same settings or start a new out_dir")
@@ -314,27 +487,33 @@ def _trim_jsonl(path: Path, step: int) -> None:
 
 
 class Checkpointer:
-    """OUT/checkpoint, written as OUT/checkpoint.tmp by every process and renamed by the main one."""
+    """OUT/checkpoint, written as OUT/checkpoint.tmp by every process and renamed by the main one;
+    then the shippable adapters (the EMA weights when EMA is on)."""
 
-    def __init__(self, cfg: CorrectorTrainConfig, accelerator):
+    def __init__(self, cfg: CorrectorTrainConfig, accelerator, family: CorrectorFamily, opt, sched,
+                 source: BatchSource, ema: AdapterEMA | None):
         self.cfg, self.acc, self.out = cfg, accelerator, Path(cfg.out_dir)
+        self.family, self.opt, self.sched, self.source, self.ema = family, opt, sched, source, ema
 
-    def save(self, step: int, family: CorrectorFamily, opt, sched, batches: GenRefBatches) -> None:
+    def save(self, step: int) -> None:
         from safetensors.torch import save_file
 
-        acc = self.acc
+        acc, family = self.acc, self.family
         tmp, final, old = self.out / "checkpoint.tmp", self.out / "checkpoint", self.out / "checkpoint.old"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        torch.save({"rng": _rng_state(), "reader": batches.state_dict()}, tmp / f"rank_{acc.process_index}.pt")
+        torch.save({"rng": _rng_state(), "source": self.source.state_dict()}, tmp / f"rank_{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {k: v.detach().float().cpu().contiguous() for k, v in family.trainable().items()}
             save_file(state, str(tmp / "adapters.safetensors"), metadata={"step": str(step)})
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
-            torch.save(sched.state_dict(), tmp / "scheduler.pt")
+            if self.ema is not None:
+                save_file({k: v.cpu().contiguous() for k, v in self.ema.shadow.items()},
+                          str(tmp / "ema.safetensors"), metadata={"step": str(step)})
+            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": acc.num_processes,
                                                         "config": self.cfg.to_dict()}, indent=1))
             shutil.rmtree(old, ignore_errors=True)
@@ -342,10 +521,12 @@ class Checkpointer:
                 final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
-            family.save_adapters(self.out / "lora", {"step": step, "train_config": self.cfg.to_dict()})
+            with _weights_to_use(self.ema):
+                family.save_adapters(self.out / family.adapters_folder,
+                                     {"step": step, "train_config": self.cfg.to_dict()})
         acc.wait_for_everyone()
 
-    def load(self, family: CorrectorFamily, opt, sched, batches: GenRefBatches) -> int:
+    def load(self) -> int:
         from safetensors.torch import load_file
 
         ck = self.out / "checkpoint"
@@ -353,18 +534,24 @@ class Checkpointer:
         if state["world_size"] != self.acc.num_processes:
             raise ValueError(f"{ck}: saved by {state['world_size']} process(es), resumed by {self.acc.num_processes}; "
                              "exact resume needs the same number (each process holds its own reader position)")
-        params = family.trainable()
-        saved = load_file(str(ck / "adapters.safetensors"))
-        if set(saved) != set(params):
-            raise ValueError(f"{ck}/adapters.safetensors does not fit this model's adapters "
-                             f"(e.g. {sorted(set(saved) ^ set(params))[:2]})")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(saved[name].to(p.dtype))
-        opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=False))
-        sched.load_state_dict(torch.load(ck / "scheduler.pt", map_location="cpu", weights_only=False))
+
+        def restore(file: str, into: dict[str, torch.Tensor]) -> None:
+            saved = load_file(str(ck / file))
+            if set(saved) != set(into):
+                raise ValueError(f"{ck}/{file} does not fit this model's adapters "
+                                 f"(e.g. {sorted(set(saved) ^ set(into))[:2]})")
+            with torch.no_grad():
+                for name, p in into.items():
+                    p.copy_(saved[name].to(p.dtype))
+
+        restore("adapters.safetensors", self.family.trainable())
+        if self.ema is not None:
+            restore("ema.safetensors", self.ema.shadow)
+        self.opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=False))
+        self.sched.load_state_dict(torch.load(ck / "scheduler.pt", map_location="cpu", weights_only=False))
         mine = torch.load(ck / f"rank_{self.acc.process_index}.pt", map_location="cpu", weights_only=False)
-        batches.load_state_dict(mine["reader"])
+        # "reader": checkpoints written before sources were pluggable (GenRef's reader state)
+        self.source.load_state_dict(mine["source"] if "source" in mine else mine["reader"])
         _set_rng_state(mine["rng"])
         return int(state["step"])
 
@@ -429,6 +616,22 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 # Validation
 
 
+class Validator(ABC):
+    """Scores the current adapters (the EMA weights when EMA is on) every `val_every` steps and at
+    the end, on the main process; the loop writes the row to val.jsonl and the trackers."""
+
+    @abstractmethod
+    def __call__(self, step: int, family: CorrectorFamily) -> dict:
+        """A val.jsonl row: {"step": step, ...} (pictures go where the validator writes them)."""
+
+    def describe(self, row: dict) -> str:
+        """The progress line's text for a row."""
+        return json.dumps({k: v for k, v in row.items() if k != "step"})
+
+
+ValidatorFactory = Callable[[], "Validator | None"]  # called on the main process, before the model loads
+
+
 def _grid(rows: list[list[np.ndarray]], path: Path, size: int = 128) -> None:
     from PIL import Image
 
@@ -442,20 +645,19 @@ def _grid(rows: list[list[np.ndarray]], path: Path, size: int = 128) -> None:
     tmp.replace(path)
 
 
-class CorrectorValidation:
+class CorrectorValidation(Validator):
     """A fixed set of GenRef samples (file order), corrected every `val_every` steps and scored by
     the configured verifier against the prompt. The condition ("before") and target images are
     scored once, as the two ends of the scale."""
 
-    def __init__(self, cfg: CorrectorTrainConfig, default_verifier: str, trackers: Trackers):
+    def __init__(self, cfg: CorrectorTrainConfig, default_verifier: str):
         """Built before the model loads, so a verifier option that does not fit fails early."""
         from itertools import islice
 
         from ..components import build
         from ..data.genref import iter_genref
 
-        self.cfg, self.trackers = cfg, trackers
-        self.family: CorrectorFamily | None = None  # set once the model is loaded
+        self.cfg = cfg
         self.samples = list(islice(iter_genref(cfg.val_genref or cfg.genref), cfg.val_size))
         self.verifier_name = name = cfg.val_verifier or default_verifier
         self.verifier = build("verifier", name, **cfg.val_verifier_options) if self.samples and name else None
@@ -472,21 +674,29 @@ class CorrectorValidation:
             out["yes"] = round(float(np.mean(yes)), 4)
         return out
 
-    def __call__(self, step: int) -> dict:
+    def __call__(self, step: int, family: CorrectorFamily) -> dict:
         s = self.samples
         if self.reference is None:
             self.reference = {"before": self._score([x.bad for x in s]), "target": self._score([x.good for x in s])}
         t0 = time.perf_counter()
         seeds = [1_000_000 + i for i in range(len(s))]  # fixed: the same noise at every validation
-        images = self.family.correct([x.bad for x in s], [x.prompt for x in s], [x.reflection for x in s], seeds)
+        images = family.correct([x.bad for x in s], [x.prompt for x in s], [x.reflection for x in s], seeds)
         row = {"step": step, "corrected": self._score(images), **self.reference,
                "verifier": self.verifier_name, "samples": len(s),
                "seconds": round(time.perf_counter() - t0, 2)}
-        _trim_jsonl(Path(self.cfg.out_dir) / "val.jsonl", step - 1)
-        self.trackers.log(row, "val.jsonl")
         _grid([[x.bad, im, x.good] for x, im in zip(s[:8], images)],
               Path(self.cfg.out_dir) / "val" / f"step_{step:06d}.png")
         return row
+
+    def describe(self, row: dict) -> str:
+        return f"{json.dumps(row['corrected'])} (before {json.dumps(row['before'])})"
+
+
+def genref_validation(cfg: CorrectorTrainConfig, default_verifier: str) -> CorrectorValidation | None:
+    if not cfg.val_size:
+        return None
+    v = CorrectorValidation(cfg, default_verifier)
+    return v if len(v) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,15 +712,23 @@ class CorrectorTrainResult:
 
 
 def train_corrector(cfg: CorrectorTrainConfig, family_cls: type[CorrectorFamily], family_kwargs: dict | None = None,
-                    name: str = "corrector", stop_after: int | None = None) -> CorrectorTrainResult:
-    """Train the adapters of `family_cls(**family_kwargs, device=...)` on GenRef; `stop_after` ends
-    this call after that many steps (checkpoint written), as a preempted job would."""
+                    name: str = "corrector", stop_after: int | None = None, source: SourceFactory | None = None,
+                    validation: ValidatorFactory | None = None) -> CorrectorTrainResult:
+    """Train the adapters of `family_cls(**family_kwargs, device=...)`.
+
+    `source` makes each process's batches (default: `GenRefBatches` on cfg.genref); `validation`
+    makes the validator (default: `CorrectorValidation` of cfg.val_size GenRef samples; a factory
+    returning None: no validation). The run ends at max_steps or max_minutes, with a checkpoint,
+    the exported adapters and a validation; `stop_after` ends this call after that many steps with
+    a checkpoint only, as a preempted job would."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from tqdm import tqdm
 
-    from ..models.flow import logit_normal, loss_by_bin, path_sample, per_sample_mse
+    from ..models.flow import logit_normal, loss_by_bin, per_sample_mse
 
     cfg.validate()
+    if source is None and not cfg.genref:
+        raise ValueError(NO_GENREF)
     check_resumable(cfg)
     out = Path(cfg.out_dir)
     if (out / "checkpoint").exists() and not cfg.resume:
@@ -528,36 +746,47 @@ def train_corrector(cfg: CorrectorTrainConfig, family_cls: type[CorrectorFamily]
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
     trackers = Trackers(cfg, acc.is_main_process, name)
-    validation = (CorrectorValidation(cfg, family_cls.default_verifier, trackers)
-                  if cfg.val_size and acc.is_main_process else None)
+    validator = None
+    if acc.is_main_process:
+        validator = validation() if validation is not None else genref_validation(cfg, family_cls.default_verifier)
+
+    # 1. the model, its optimizer and schedule, the EMA
     torch.manual_seed(cfg.seed)  # the adapters' initialisation: the same on every process
     family = family_cls(**(family_kwargs or {}), device=dev)
-    if validation is not None:
-        validation.family = family
     params = family.trainable()
     if not params:
         raise ValueError("the model has no trainable adapter parameters")
     opt = make_optimizer(cfg, list(params.values()), dev)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     module, opt = acc.prepare(family.module, opt)  # DDP over the adapters' gradients when launched on several
-    batches = GenRefBatches(cfg, acc.process_index, acc.num_processes)
-    ckpt = Checkpointer(cfg, acc)
+    forward = torch.compile(module) if cfg.compile else module
+    ema = AdapterEMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    # 2. the data, and where a resumed run stands
+    batches = (source or (lambda rank, n: GenRefBatches(cfg, rank, n)))(acc.process_index, acc.num_processes)
+    subsets = tuple(batches.subsets)
+    ckpt = Checkpointer(cfg, acc, family, opt, sched, batches, ema)
     step = 0
     if cfg.resume and (out / "checkpoint").exists():
-        step = ckpt.load(family, opt, sched, batches)
+        step = ckpt.load()
+        # The saved lr is the old schedule's; max_steps may have changed since (a resumable change).
+        for g, base in zip(opt.param_groups, sched.base_lrs):
+            g["lr"] = base * lr_factor(cfg, step)
     for note in trackers.notes:
         acc.print(note)
     if acc.is_main_process:
         _trim_jsonl(out / "log.jsonl", step)
         _trim_jsonl(out / "val.jsonl", step)
-    from ..data.genref import SUBSETS
+    stream = prepared_batches(batches, family.prepare, step, cfg.num_workers, pin_memory=cuda)
+    strengths = torch.tensor(cfg.partial_strengths, device=dev)  # once: a per-step copy would sync the host
 
+    # 3. the loop
     gen = torch.Generator(device=dev)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {name}", unit="step",
                disable=not (cfg.progress and acc.is_main_process))
     acc_loss = torch.zeros((), device=dev)
     acc_bins, acc_counts = torch.zeros(LOSS_BINS, device=dev), torch.zeros(LOSS_BINS, device=dev)
-    acc_sub = torch.zeros(2, len(SUBSETS), device=dev)
+    acc_sub = torch.zeros(2, len(subsets), device=dev)  # per-subset loss sums and counts
     acc_n, keys, losses, last_val, paused = 0, [], [], None, 0.0
     t_start = t_log = time.perf_counter()
     done_here = 0
@@ -568,17 +797,17 @@ def train_corrector(cfg: CorrectorTrainConfig, family_cls: type[CorrectorFamily]
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     module.train()
-    while step < cfg.max_steps and (cfg.max_minutes is None or minutes() < cfg.max_minutes) \
-            and (stop_after is None or done_here < stop_after):
-        batch = batches.batch(step)
+    while step < cfg.max_steps:
+        batch = next(stream)
         with torch.no_grad():
-            x0, inputs = family.encode(batch, dev)  # x0: (B, ...) the family's data space
+            x0, inputs = family.encode(batch.data, dev)  # x0: (B, ...) the family's data space
+        B = x0.shape[0]
         gen.manual_seed(step_seed(cfg.seed, step, acc.process_index))
-        t = logit_normal(len(batch), cfg.t_mean, cfg.t_std, device=dev, generator=gen)  # (B,)
+        t = logit_normal(B, cfg.t_mean, cfg.t_std, device=dev, generator=gen)  # (B,)
         eps = torch.randn(x0.shape, device=dev, generator=gen, dtype=x0.dtype)
-        path = path_sample(x0, eps, t)
+        path = partial_path(x0, eps, t, inputs, cfg.partial_share, strengths, gen)
         with acc.autocast():
-            v = module(path.x_t, t, inputs)
+            v = forward(path.x_t, path.t, inputs)
         per = per_sample_mse(v.float(), path.target.float())  # (B,)
         loss = per.mean()
         acc.backward(loss)
@@ -587,31 +816,35 @@ def train_corrector(cfg: CorrectorTrainConfig, family_cls: type[CorrectorFamily]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(step)
         step += 1
         done_here += 1
         bar.update(1)
-        s, c = loss_by_bin(t, per.detach(), LOSS_BINS)
+        s, c = loss_by_bin(path.t, per.detach(), LOSS_BINS)
         acc_loss += loss.detach()
         acc_bins += s
         acc_counts += c
-        sub = torch.tensor([SUBSETS.index(x) for x in batch.subsets], device=dev)
+        sub = batch.subsets.to(dev, non_blocking=True)
         acc_sub[0].index_add_(0, sub, per.detach())
         acc_sub[1].index_add_(0, sub, torch.ones_like(per))
         acc_n += 1
         if cfg.log_keys:
             keys.append(acc.gather_for_metrics(batch.keys, use_gather_object=True) if acc.num_processes > 1
                         else list(batch.keys))
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        end = step >= cfg.max_steps or (cfg.max_minutes is not None and minutes() >= cfg.max_minutes)
+        pause = not end and stop_after is not None and done_here >= stop_after
+        if step % cfg.log_every == 0 or end:
             totals = acc.reduce(torch.cat([acc_loss[None] / acc_n, acc_bins, acc_counts, acc_sub.flatten()]), "sum")
             mean_loss = totals[0].item() / acc.num_processes  # the one host sync per interval
             bins, counts = totals[1 : 1 + LOSS_BINS], totals[1 + LOSS_BINS : 1 + 2 * LOSS_BINS]
-            sub_sum, sub_n = totals[1 + 2 * LOSS_BINS :].view(2, len(SUBSETS))
+            sub_sum, sub_n = totals[1 + 2 * LOSS_BINS :].view(2, len(subsets))
             now = time.perf_counter()
-            row = {"step": step, "loss": round(mean_loss, 6), "lr": sched.get_last_lr()[0],
-                   "img_per_s": round(acc_n * cfg.batch_size * acc.num_processes / (now - t_log), 2),
+            row = {"step": step, "loss": round(mean_loss, 6), "lr": cfg.lr * lr_factor(cfg, step - 1),
+                   "img_per_s": round(acc_n * B * acc.num_processes / (now - t_log), 2),
                    "loss_by_t_bin": [round(x, 5) for x in (bins / counts.clamp(min=1)).tolist()],
                    "loss_by_subset": {n: round(x, 5) for n, x, k in
-                                      zip(SUBSETS, (sub_sum / sub_n.clamp(min=1)).tolist(), sub_n.tolist()) if k},
+                                      zip(subsets, (sub_sum / sub_n.clamp(min=1)).tolist(), sub_n.tolist()) if k},
                    "train_minutes": round(minutes(), 3)}
             if cuda:
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
@@ -619,26 +852,29 @@ def train_corrector(cfg: CorrectorTrainConfig, family_cls: type[CorrectorFamily]
                 row["keys"] = keys
             trackers.log(row)
             losses.append(mean_loss)
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['img_per_s']:.0f}")
             acc_loss.zero_(), acc_bins.zero_(), acc_counts.zero_(), acc_sub.zero_()
             acc_n, keys, t_log = 0, [], now
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            ckpt.save(step, family, opt, sched, batches)
-        if step % cfg.val_every == 0 or step == cfg.max_steps:
+        if step % cfg.ckpt_every == 0 or end or pause:
+            ckpt.save(step)
+        if step % cfg.val_every == 0 or end:
             t0 = time.perf_counter()
-            if validation is not None and len(validation):
+            if validator is not None:
                 module.eval()
-                last_val = validation(step)
+                with _weights_to_use(ema):
+                    last_val = validator(step, family)
                 module.train()
+                _trim_jsonl(out / "val.jsonl", step - 1)
+                trackers.log(last_val, "val.jsonl")
                 if cfg.progress:
-                    acc.print(f"step {step}: validation {json.dumps(last_val['corrected'])} "
-                              f"(before {json.dumps(last_val['before'])})")
+                    bar.write(f"step {step}: validation {validator.describe(last_val)}")
             acc.wait_for_everyone()
             paused += time.perf_counter() - t0
             t_log += time.perf_counter() - t0
+        if end or pause:
+            break
     bar.close()
-    if step % cfg.ckpt_every and step != cfg.max_steps:  # stopped by the clock or stop_after
-        ckpt.save(step, family, opt, sched, batches)
+    del stream  # DataLoader workers end here
     trackers.close()
     acc.end_training()
     return CorrectorTrainResult(step=step, minutes=minutes(), losses=losses, validation=last_val)

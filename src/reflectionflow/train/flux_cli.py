@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from .cli import _mapping, _names, build_config
+from .cli import _floats, _mapping, _names, build_config
 
 
 def _json(text: str) -> dict:
@@ -59,6 +59,10 @@ FLUX = [
     ("--text-dropout", "text_dropout", float, "share of samples with no text"),
     ("--image-dropout", "image_dropout", float, "share of samples with a black condition image"),
     ("--reflection-dropout", "reflection_dropout", float, "share of samples with the prompt alone"),
+    ("--partial-share", "partial_share", float, "share of samples trained to start from the previous image "
+     "partly noised (the corrector's --corrector-strength); 0: off"),
+    ("--partial-strengths", "partial_strengths", _floats, "comma-separated start times in (0, 1] for those samples "
+     "(default 0.5,0.75)"),
     ("--resolution", "resolution", int, "target image size in pixels"),
     ("--condition-size", "condition_size", int, "condition image size in pixels"),
     ("--max-seq-len", "max_sequence_length", int, "T5 tokens"),

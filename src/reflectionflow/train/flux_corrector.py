@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .corrector_common import (
+    NO_GENREF,
     CorrectorBatch,
     CorrectorFamily,
     CorrectorTrainConfig,
@@ -53,6 +54,8 @@ class FluxCorrectorConfig(CorrectorTrainConfig):
         if not self.flux_path:
             raise ValueError("flux_path: no FLUX folder given (--flux-path, a local diffusers FLUX.1 folder)")
         folder = check_flux_folder(self.flux_path)  # JSON files only
+        if not self.genref:
+            raise ValueError(NO_GENREF)
         super().validate()
         mult = folder.vae_scale_factor * 2
         for name in ("resolution", "condition_size"):
@@ -136,6 +139,10 @@ class FluxFamily(CorrectorFamily):
                     if pipe.transformer.config.guidance_embeds else None)
         inputs = {"t5": t5, "pooled": pooled, "txt_ids": txt_ids, "img_ids": img_ids, "guidance": guidance,
                   "cond": cond.to(self.dtype), "cond_ids": condition_ids(cols, cols, device=device, dtype=self.dtype)}
+        if cfg.partial_share > 0:  # partial-noise starts: the previous image at the target's size
+            inputs["start"] = self._latents([g if b is None else b for g, b in zip(batch.good, batch.bad)],
+                                            cfg.resolution)
+            inputs["start_ok"] = torch.tensor([b is not None for b in batch.bad], device=device)
         return x0, inputs
 
     @torch.no_grad()

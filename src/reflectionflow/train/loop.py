@@ -1,4 +1,6 @@
-"""The flow-matching training loop shared by the world's generator and (later) its corrector.
+"""The world generator's flow-matching training loop, and pieces other trainers share (`TrainConfig`,
+`StepBatches`, the EMA and its warm-up, checkpoints). The corrector has its own trainer, shared with
+FLUX: train/corrector_common.py.
 
 nanoGPT's shape: one config dataclass, one visible loop, a checkpoint that holds everything needed
 to continue exactly (weights, EMA, optimizer, step, config). Exact resume works because nothing
@@ -23,7 +25,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,8 +89,7 @@ class TrainConfig:
 class Batch:
     images: torch.Tensor  # (B, H, W, 3) uint8
     text: torch.Tensor  # (B, L) int64 token ids
-    tags: torch.Tensor  # (B,) int64 index into the loop's tag_names (world.spec.TAGS by default), for logging
-    cond: torch.Tensor | None = None  # (B, H, W, 3) uint8: the corrector's previous image
+    tags: torch.Tensor  # (B,) int64 index into world.spec.TAGS, for logging
 
 
 def to_model_space(images: torch.Tensor) -> torch.Tensor:
@@ -112,6 +113,13 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The EMA decay after optimizer step `step` (0-based). Warm-up (as in timm/DiT ports): early
+    weights are far from the final ones, so a fixed 0.999 would average in the random
+    initialisation for thousands of steps."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 class EMA:
     """fp32 exponential moving average of a model's trainable weights (a full copy, for sampling)."""
 
@@ -122,9 +130,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        # Warm-up (as in timm/DiT ports): early weights are far from the final ones, so a fixed
-        # 0.999 would average in the random initialisation for thousands of steps.
-        d = min(self.decay, (1 + step) / (10 + step))
+        d = ema_decay_at(self.decay, step)
         ema, cur = zip(*self._pairs)
         torch._foreach_lerp_(list(ema), [p.detach().float() for p in cur], 1 - d)
 
@@ -202,22 +208,14 @@ Validate = Callable[[int, nn.Module], None]  # (step, EMA model) -> writes sampl
 
 
 def save_ema_model(out: Path, ema: nn.Module) -> None:
-    """The default export: the whole EMA model in fp16 (OUT/ema), loadable with from_pretrained."""
+    """The shippable weights: the whole EMA model in fp16 (OUT/ema), loadable with from_pretrained."""
     ema.save_pretrained(out / "ema")
 
 
-Export = Callable[[Path, nn.Module], None]  # (run folder, EMA model) -> writes the shippable weights
-
-
 def train_flow_model(cfg: TrainConfig, model: nn.Module, batches: Callable[[int], Iterator[Batch]],
-                     validate: Validate | None = None, tag_names: Sequence[str] = TAGS,
-                     export: Export = save_ema_model) -> TrainResult:
-    """Train `model` (an MMDiT, or one with LoRA adapters: only parameters that require grad move)
-    with the rectified-flow loss on `batches(start_step)`; checkpoints, logs and resumes.
-
-    `Batch.tags` index `tag_names` (the loss is logged per name: GenEval categories for the
-    generator, data sources for the corrector); `export` writes the shippable weights with every
-    checkpoint (a LoRA trainer writes only its adapters)."""
+                     validate: Validate | None = None) -> TrainResult:
+    """Train the MMDiT `model` with the rectified-flow loss on `batches(start_step)`; checkpoints
+    (and OUT/ema), logs the loss per timestep bin and per GenEval category (`Batch.tags`), resumes."""
     from tqdm import tqdm
 
     cfg.validate()
@@ -245,7 +243,7 @@ def train_flow_model(cfg: TrainConfig, model: nn.Module, batches: Callable[[int]
     acc_loss = torch.zeros((), device=dev)
     acc_bins = torch.zeros(LOSS_BINS, device=dev)
     acc_counts = torch.zeros(LOSS_BINS, device=dev)
-    acc_tags = torch.zeros(2, len(tag_names), device=dev)  # per-tag loss sums and counts
+    acc_tags = torch.zeros(2, len(TAGS), device=dev)  # per-category loss sums and counts
     acc_n, last_loss, paused = 0, float("nan"), 0.0  # paused: seconds spent validating
     t_start = t_log = time.perf_counter()
 
@@ -257,12 +255,11 @@ def train_flow_model(cfg: TrainConfig, model: nn.Module, batches: Callable[[int]
         b = next(it)
         x0 = to_model_space(b.images.to(dev, non_blocking=True))  # (B, 3, H, W)
         text = b.text.to(dev, non_blocking=True)  # (B, L)
-        cond = to_model_space(b.cond.to(dev, non_blocking=True)) if b.cond is not None else None
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         gen.manual_seed(step_seed(cfg.seed, step))
         with autocast:
-            res = flow.loss(x0, text, cond, generator=gen, model=fwd)
+            res = flow.loss(x0, text, generator=gen, model=fwd)
         res.loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -286,7 +283,7 @@ def train_flow_model(cfg: TrainConfig, model: nn.Module, batches: Callable[[int]
                    "img_per_s": round(acc_n * cfg.batch_size / (now - t_log), 1),
                    "loss_by_t_bin": [round(v, 4) for v in (acc_bins / acc_counts.clamp(min=1)).tolist()],
                    "loss_by_tag": {t: round(v, 4) for t, v in
-                                   zip(tag_names, (acc_tags[0] / acc_tags[1].clamp(min=1)).tolist())},
+                                   zip(TAGS, (acc_tags[0] / acc_tags[1].clamp(min=1)).tolist())},
                    "train_minutes": round(minutes(), 3)}
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -296,7 +293,7 @@ def train_flow_model(cfg: TrainConfig, model: nn.Module, batches: Callable[[int]
             acc_n, t_log = 0, now
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             save_checkpoint(out, model, ema, opt, step, cfg)
-            export(out, ema.model)
+            save_ema_model(out, ema.model)
         if validate is not None and step % cfg.sample_every == 0 and step < cfg.max_steps:
             t0 = time.perf_counter()
             validate(step, ema.model)
@@ -305,7 +302,7 @@ def train_flow_model(cfg: TrainConfig, model: nn.Module, batches: Callable[[int]
     bar.close()
     if step % cfg.ckpt_every and step != cfg.max_steps:  # stopped by the clock: keep what was done
         save_checkpoint(out, model, ema, opt, step, cfg)
-        export(out, ema.model)
+        save_ema_model(out, ema.model)
     return TrainResult(step=step, minutes=minutes(), last_loss=last_loss, ema=ema.model)
 
 

@@ -93,7 +93,7 @@ class FluxModels:
         self._kontext = None
         self.lora: LoRAFile | None = None
         self.compile_blocks = False  # regional torch.compile, applied when the pipeline loads
-        self.fp8 = False  # fp8 matmuls (torchao), applied when the pipeline loads
+        self.fp8 = False  # fp8 matmuls (models/fp8.py), applied when the pipeline loads
 
     @classmethod
     def from_pipeline(cls, pipe, kontext_pipe=None) -> FluxModels:

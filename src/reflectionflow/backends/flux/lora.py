@@ -216,7 +216,7 @@ class ConditionLoRALinear(nn.Linear):
 
 def lin(layer: nn.Module, x: torch.Tensor, lora: bool) -> torch.Tensor:
     """`layer(x)`, with its condition-branch LoRA when `lora` and the layer has one."""
-    if lora and isinstance(layer, ConditionLoRALinear):
+    if lora and hasattr(layer, "forward_lora"):  # ConditionLoRALinear, or its fp8 twin (models/fp8.py)
         return layer.forward_lora(x)
     return layer(x)
 

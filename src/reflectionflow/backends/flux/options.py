@@ -79,7 +79,7 @@ class FluxBackendOptions:
     batch_size: int = 4  # images per transformer call
     # Speed levers (docs/speed.md). Exact: compile_blocks. Changing the images: the other three.
     compile_blocks: bool = False  # regional torch.compile of the transformer blocks (about a minute at start-up)
-    fp8: bool = False  # fp8 matmuls through torchao (Hopper or newer)
+    fp8: bool = False  # fp8 matmuls (models/fp8.py; Hopper or newer)
     corrector_strength: float = 1.0  # < 1: the corrector starts from the previous image partly noised
     corrector_cond_attention: str = "full"  # causal_kv: a corrector trained so; condition K/V computed once
     device: str = "auto"
@@ -151,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser, component_flags: bool = False
     f.add_argument("--compile-blocks", action="store_const", const=True, default=None,
                    help="regional torch.compile of the transformer blocks (same images; ~1 min at start-up)")
     f.add_argument("--fp8", action="store_const", const=True, default=None,
-                   help="fp8 matmuls through torchao on Hopper or newer GPUs (changes the images slightly)")
+                   help="fp8 matmuls (e4m3, row scales) on Hopper or newer GPUs (changes the images slightly)")
     f.add_argument("--corrector-strength", type=float,
                    help="in (0, 1]: the corrector starts from the previous image noised to this level and runs "
                    "that share of --corrector-steps (default 1: from pure noise, as trained)")
@@ -305,7 +305,7 @@ def validate_options(options: FluxBackendOptions, kinds: Sequence[str] = KINDS,
 
         why = fp8_available()
         if why is not None:
-            raise FluxOptionsError(f"--fp8: {why}; install torchao built for this torch (docs/speed.md) or drop --fp8")
+            raise FluxOptionsError(f"--fp8: {why}; drop --fp8 here")
 
     plan = FluxPlan(options=options, kinds=kinds)
     corrector = names.get("corrector")

@@ -24,7 +24,7 @@ Speed levers (docs/speed.md):
 - `compile_blocks(transformer)`: regional `torch.compile` of the two block functions (one graph
   per block kind, reused by all 19 + 38 blocks), about a minute of compiling instead of the
   full model's seven with max-autotune.
-- `quantize_fp8(transformer)`: fp8 matmuls (torchao, Hopper or newer) on the blocks' linears.
+- `quantize_fp8(transformer)`: fp8 matmuls (models/fp8.py, Hopper or newer) on the blocks' linears.
 """
 
 from __future__ import annotations
@@ -285,41 +285,26 @@ def compile_blocks(transformer, mode: str | None = None) -> None:
 
 
 def fp8_available(device=None) -> str | None:
-    """None when fp8 matmuls can run here, else why not (one line)."""
-    try:
-        import torchao  # noqa: F401
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig  # noqa: F401
-    except Exception as exc:  # an import error, or a torchao built for another torch
-        return f"torchao is not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    if not torch.cuda.is_available():
-        return "fp8 matmuls need a CUDA GPU"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        return f"fp8 matmuls need compute capability 8.9 or newer (Ada, Hopper), this GPU has {major}.{minor}"
-    return None
+    """None when fp8 matmuls can run here (a CUDA GPU of compute capability 8.9+), else why not."""
+    from ...models.fp8 import fp8_unavailable
+
+    if device is None or torch.device(device).type == "cpu":
+        device = "cuda" if torch.cuda.is_available() else None
+    return fp8_unavailable(device) if device is not None else "fp8 matmuls need a CUDA GPU"
 
 
 def quantize_fp8(transformer) -> int:
-    """fp8 (e4m3) weights and dynamically quantized activations, row-wise scales, for the linears of
-    every block (the LoRA adapters stay bf16). Returns how many layers changed. Raises RuntimeError
-    with the reason when fp8 is not available here (`fp8_available`)."""
+    """fp8 (e4m3) weights with row scales and per-row dynamically quantised activations for the
+    linears of every block (models/fp8.py; the LoRA adapters stay bf16). Returns how many layers
+    changed. Raises RuntimeError with the reason when fp8 is not available here."""
+    from ...models.fp8 import quantize_linears
+
     why = fp8_available(transformer.device)
     if why is not None:
         raise RuntimeError(f"fp8: {why}")
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    changed = []
-
-    def pick(module, fqn: str) -> bool:
-        in_blocks = fqn.startswith(("transformer_blocks.", "single_transformer_blocks."))
-        ok = (isinstance(module, torch.nn.Linear) and in_blocks and "lora_" not in fqn
-              and module.in_features % 16 == 0 and module.out_features % 16 == 0)
-        if ok:
-            changed.append(fqn)
-        return ok
-
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=pick)
-    return len(changed)
+    names = quantize_linears(transformer,
+                             lambda n, m: n.startswith(("transformer_blocks.", "single_transformer_blocks.")))
+    return len(names)
 
 
 def corrector_forward(
