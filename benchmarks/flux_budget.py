@@ -210,16 +210,17 @@ def load_effects(path: str | None) -> dict:
     return data.get("effects", data)
 
 
-def pick_strength(effects: dict, tolerance: float = 0.01) -> float:
-    """The smallest strength S with |effect| <= tolerance for corrector_strength_S and combined_S."""
+def pick_strength(effects: dict, tolerance: float = 0.01) -> tuple[float, bool]:
+    """(S, with cached K/V): the smallest strength S whose world effect is within `tolerance` for
+    corrector_strength_S, and whether combined_S (with the causal_kv corrector) is too; (1, True)
+    when none is (the lever stays off)."""
     ok = []
     for key, e in effects.items():
-        if key.startswith("combined_") and isinstance(e, dict):
-            s = key.removeprefix("combined_")
-            alone = effects.get(f"corrector_strength_{s}")
-            if abs(e["diff"]) <= tolerance and isinstance(alone, dict) and abs(alone["diff"]) <= tolerance:
-                ok.append(float(s))
-    return min(ok) if ok else 1.0
+        if key.startswith("corrector_strength_") and isinstance(e, dict) and abs(e["diff"]) <= tolerance:
+            s = key.removeprefix("corrector_strength_")
+            both = effects.get(f"combined_{s}")
+            ok.append((float(s), isinstance(both, dict) and abs(both["diff"]) <= tolerance))
+    return min(ok, key=lambda x: (x[0], not x[1])) if ok else (1.0, True)
 
 
 def effect_cell(effects: dict, key: str) -> str:
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args(argv)
     effects = load_effects(args.world_effects)
-    args.strength = pick_strength(effects) if args.strength == "auto" else float(args.strength)
+    args.strength, args.kv = pick_strength(effects) if args.strength == "auto" else (float(args.strength), True)
     if not 0 < args.strength <= 1:
         ap.error("--strength must be in (0, 1] or auto")
     for name in ("steps", "batch", "concurrency"):
@@ -354,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         cond_c = f.get("compiled_cond", f[f"eager_cond_{bt}"])
         kv_c = f.get("compiled_kv", f[f"eager_kv_{bt}"])
         enc_kv = f[f"eager_encode_kv_{bt}"]
+        # With a strength whose combined effect with cached K/V is outside the tolerance, the strength
+        # and fp8 rows use the full-attention corrector (K/V recomputed) instead.
+        corr_s, enc_s = (kv_c, enc_kv) if args.kv else (cond_c, 0.0)
+        kv_note = "" if args.kv or s >= 1 else "; full-attention corrector: its cached-K/V twin is outside 0.01"
         ctag = "compiled" if compiled else "eager (compile skipped)"
         rows = [
             ("original: eager, batch 1, condition recomputed, scored twice, sequential VLM", True, None,
@@ -367,16 +372,17 @@ def main(argv: list[str] | None = None) -> int:
              budget(gen_c, cond_c, 0.0, vaeB, steps, 1.0, False, True, lat, conc)),
             ("+ cached condition K/V (causal_kv corrector)", False, "cached_kv",
              budget(gen_c, kv_c, enc_kv, vaeB, steps, 1.0, False, True, lat, conc)),
-            (f"+ corrector from the previous image, strength {s:g} ({max(1, round(steps * s))} of {steps} steps)"
-             if s < 1 else "+ corrector from the previous image: off (strength 1)",
-             False, f"combined_{s:g}" if s < 1 else None,
-             budget(gen_c, kv_c, enc_kv, vaeB, steps, s, False, True, lat, conc)),
+            (f"+ corrector from the previous image, strength {s:g} ({max(1, round(steps * s))} of {steps} steps"
+             f"{kv_note})" if s < 1 else "+ corrector from the previous image: off (strength 1)",
+             False, (f"combined_{s:g}" if args.kv else f"corrector_strength_{s:g}") if s < 1 else None,
+             budget(gen_c, corr_s, enc_s, vaeB, steps, s, False, True, lat, conc)),
         ]
         if "fp8_plain" in f:
             # the world's effect of every lever at once where it was measured, else fp8's alone
-            rows.append(("+ fp8 matmuls (models/fp8.py)", False, f"all_{s:g}" if f"all_{s:g}" in effects else "fp8",
-                         budget(f["fp8_plain"], f["fp8_kv"], f["fp8_encode_kv"], vaeB, steps, s, False, True,
-                                lat, conc)))
+            every = f"all_{s:g}" if args.kv else f"all_full_{s:g}"
+            fp8_corr, fp8_enc = (f["fp8_kv"], f["fp8_encode_kv"]) if args.kv else (f["fp8_cond"], 0.0)
+            rows.append(("+ fp8 matmuls (models/fp8.py)", False, every if every in effects else "fp8",
+                         budget(f["fp8_plain"], fp8_corr, fp8_enc, vaeB, steps, s, False, True, lat, conc)))
         else:
             rows.append((f"+ fp8 matmuls: unavailable ({fig['skipped'].get('fp8', '')})", False, "fp8", None))
         orig = rows[0][3]["total_s"]
@@ -417,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ref = fns["kv"]().float()
             fig["fp8_layers"] = quantize_fp8(tf)
-            for kind in ("plain", "kv"):
+            for kind in ("plain", "cond", "kv"):
                 f[f"fp8_{kind}"] = timed(fns[kind], device, 1, repeats) / B
                 log(f"fp8{' compiled' if compiled else ''} {kind}: {1000 * f[f'fp8_{kind}']:.1f} ms/img")
             fns["encode_kv"]()
@@ -425,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             fig["fp8_max_rel_diff_kv"] = float((fns["kv"]().float() - ref).abs().max() / ref.abs().max())
         except Exception as exc:  # fp8 that cannot run here after all: report it, keep the rest
             why = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-            for k in ("fp8_plain", "fp8_kv", "fp8_encode_kv"):
+            for k in ("fp8_plain", "fp8_cond", "fp8_kv", "fp8_encode_kv"):
                 f.pop(k, None)
     if why is not None:
         fig["skipped"]["fp8"] = why

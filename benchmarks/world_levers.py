@@ -14,7 +14,8 @@ The levers are the world analogs of the FLUX ones in benchmarks/flux_budget.py:
   world-corrector --partial-share`), the strength rows use those, and partial_trained(_kv) rows
   report them run from pure noise;
 - fp8: the full corrector with fp8 matmuls (models/fp8.py, weights bf16 -> fp8; CUDA 8.9+ only);
-- all_S: every lever at once (the causal_kv corrector, strength S, fp8), as the FLUX budget's last row.
+- all_S: every lever at once (the causal_kv corrector, strength S, fp8), as the FLUX budget's last row;
+  all_full_S: strength S and fp8 with the full-attention corrector.
 Each is compared with the exact version: the full corrector, 20 steps from pure noise, bf16 autocast.
 
 Protocol (benchmarks/world_corrector_eval.py's): the generator draws --samples images per prompt
@@ -199,6 +200,7 @@ def main(argv=None) -> dict:
     if fp8_why is None:
         configs.append(dict(name="fp8", weights=args.full, strength=1.0, fp8=True))
         configs += [dict(name=f"all_{x:g}", weights=partial_kv, strength=x, fp8=True) for x in args.strengths]
+        configs += [dict(name=f"all_full_{x:g}", weights=partial, strength=x, fp8=True) for x in args.strengths]
     results = []
     for cfg in configs:
         try:
