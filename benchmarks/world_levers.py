@@ -88,8 +88,8 @@ def correct(corrector, images, metas, reflections, seeds) -> tuple[np.ndarray, f
 def run_config(cfg: dict, args, metas, images, labels) -> dict:
     """One corrector configuration: final correctness of every sample, fix / break rates, speed."""
     corrector = MMDiTCorrector(weights=cfg["weights"], generator=args.generator, steps=args.steps,
-                               guidance=args.guidance, batch_size=args.batch, device=args.device,
-                               strength=cfg["strength"])
+                               guidance=cfg.get("guidance", args.guidance), batch_size=args.batch,
+                               device=args.device, strength=cfg["strength"])
     if cfg.get("fp8"):
         cfg["fp8_layers"] = fp8_model(corrector.model)
     fails = [i for i, lab in enumerate(labels) if not lab.correct]
@@ -158,6 +158,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--partial-guidance", type=float, default=None,
+                   help="CFG of the strength < 1 rows (default --guidance): a start from the previous image "
+                   "may want less extrapolation")
     p.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.75],
                    help="corrector_strength lever: shares of the steps run from the noised previous image")
     p.add_argument("--batch", type=int, default=512)
@@ -193,14 +196,15 @@ def main(argv=None) -> dict:
         configs.append(dict(name="partial_trained", weights=partial, strength=1.0))
     if args.partial_kv:
         configs.append(dict(name="partial_trained_kv", weights=partial_kv, strength=1.0))
+    pg = {} if args.partial_guidance is None else {"guidance": args.partial_guidance}
     for x in args.strengths:
-        configs += [dict(name=f"corrector_strength_{x:g}", weights=partial, strength=x),
-                    dict(name=f"combined_{x:g}", weights=partial_kv, strength=x)]
+        configs += [dict(name=f"corrector_strength_{x:g}", weights=partial, strength=x, **pg),
+                    dict(name=f"combined_{x:g}", weights=partial_kv, strength=x, **pg)]
     fp8_why = "--no-fp8" if args.no_fp8 else fp8_unavailable(args.device)
     if fp8_why is None:
         configs.append(dict(name="fp8", weights=args.full, strength=1.0, fp8=True))
-        configs += [dict(name=f"all_{x:g}", weights=partial_kv, strength=x, fp8=True) for x in args.strengths]
-        configs += [dict(name=f"all_full_{x:g}", weights=partial, strength=x, fp8=True) for x in args.strengths]
+        configs += [dict(name=f"all_{x:g}", weights=partial_kv, strength=x, fp8=True, **pg) for x in args.strengths]
+        configs += [dict(name=f"all_full_{x:g}", weights=partial, strength=x, fp8=True, **pg) for x in args.strengths]
     results = []
     for cfg in configs:
         try:

@@ -220,9 +220,6 @@ def partial_path(x0: torch.Tensor, eps: torch.Tensor, u: torch.Tensor, inputs: d
     use = (torch.rand(B, device=dev, generator=generator) < share) & inputs["start_ok"].to(dev)
     pick = torch.randint(len(strengths), (B,), device=dev, generator=generator)
     s = torch.where(use, strengths[pick], torch.ones(B, device=dev))
-    # Unit time uniform on the partial path: the logit-normal draw almost never reaches u near 1, the
-    # sampler's first and most decisive step from the noised previous image.
-    u = torch.where(use, torch.rand(B, device=dev, generator=generator), u)
     return partial_path_sample(x0, eps, u, inputs["start"], s)
 
 
