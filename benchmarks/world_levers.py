@@ -68,12 +68,6 @@ def fp8_model(model) -> int:
     return len(quantize_linears(model, lambda name, layer: "blocks." in name))
 
 
-def fp8_unavailable(device: str) -> str | None:
-    from reflectionflow.models.fp8 import fp8_unavailable as why_not
-
-    return "needs a CUDA GPU" if device == "cpu" else why_not("cuda")
-
-
 def correct(corrector, images, metas, reflections, seeds) -> tuple[np.ndarray, float, int]:
     reqs = [CorrectionRequest(image=img, prompt=m["prompt"], reflection=r, seed=s)
             for img, m, r, s in zip(images, metas, reflections, seeds)]
@@ -200,7 +194,10 @@ def main(argv=None) -> dict:
     for x in args.strengths:
         configs += [dict(name=f"corrector_strength_{x:g}", weights=partial, strength=x, **pg),
                     dict(name=f"combined_{x:g}", weights=partial_kv, strength=x, **pg)]
-    fp8_why = "--no-fp8" if args.no_fp8 else fp8_unavailable(args.device)
+    from reflectionflow.models.fp8 import fp8_unavailable
+
+    fp8_why = ("--no-fp8" if args.no_fp8 else "needs a CUDA GPU" if args.device == "cpu"
+               else fp8_unavailable("cuda"))
     if fp8_why is None:
         configs.append(dict(name="fp8", weights=args.full, strength=1.0, fp8=True))
         configs += [dict(name=f"all_{x:g}", weights=partial_kv, strength=x, fp8=True, **pg) for x in args.strengths]

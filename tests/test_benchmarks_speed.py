@@ -177,3 +177,16 @@ def test_sharded_run_compares_one_and_two_processes(tmp_path):
     assert run["images"] == 24 and run["images_identical"] == 24 and run["picks_identical"] == run["prompts"] == 6
     assert res["points_equal"] == res["points"] == 3
     assert json.loads((tmp_path / "s" / "sharded.json").read_text())["processes"] == 2
+
+
+def test_fp8_matmul_tiny():
+    from reflectionflow.models.fp8 import fp8_unavailable
+
+    if fp8_unavailable("cpu") is not None:
+        pytest.skip("this torch has no fp8 matmul")
+    bench = load_benchmark_module("fp8_matmul")
+    rows = bench.main(["--tiny", "--no-compile"])
+    assert [(r["K"], r["N"]) for r in rows] == [(32, 48), (48, 32)]
+    for r in rows:
+        assert all(r[c] > 0 for c in ("bf16", "row", "row_fast", "tensor", "tensor_fast"))
+        assert "fp8linear_compiled" not in r
