@@ -119,15 +119,14 @@ class Inputs:
 def forward_fns(tf, inp: Inputs) -> dict:
     """The three transformer calls of the budget, as closures over the inputs."""
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from reflectionflow.backends.flux.transformer import corrector_forward, encode_condition_kv
 
     base = (tf, inp.x, inp.txt, inp.pooled, inp.t, inp.img_ids, inp.txt_ids, inp.g)
     cache = {}
-    # Queries and keys of different lengths (the cached condition): cuDNN attention is left out, as
-    # models/mmdit.py does for the world's causal_kv case (docs/RESULTS.md: cuDNN failures there).
-    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    # Attention runs on torch's default SDPA backend choice for every call, as in the pipeline
+    # (backends/flux/pipeline.py): on the H100 with torch 2.11 that is cuDNN's kernel, which also
+    # takes the cached condition's different query and key lengths (docs/RESULTS.md).
 
     @torch.no_grad()
     def plain():
@@ -139,16 +138,14 @@ def forward_fns(tf, inp: Inputs) -> dict:
 
     @torch.no_grad()
     def encode_kv():
-        with sdpa_kernel(backends):
-            cache["kv"] = encode_condition_kv(tf, inp.cond, inp.cids, inp.pooled, inp.g)
+        cache["kv"] = encode_condition_kv(tf, inp.cond, inp.cids, inp.pooled, inp.g)
         return cache["kv"]
 
     @torch.no_grad()
     def kv():
         if "kv" not in cache:
             encode_kv()
-        with sdpa_kernel(backends):
-            return corrector_forward(*base, cond_attention="causal_kv", cond_kv=cache["kv"])
+        return corrector_forward(*base, cond_attention="causal_kv", cond_kv=cache["kv"])
 
     return {"plain": plain, "cond": cond, "encode_kv": encode_kv, "kv": kv}
 
@@ -167,6 +164,27 @@ def vae_times(vae, height: int, cond_size: int, batch: int, device: str, warmup:
                "encode_cond": timed(lambda: vae.encode(px_c).latent_dist.mode(), device, warmup, repeats),
                "encode_start": timed(lambda: vae.encode(px).latent_dist.mode(), device, warmup, repeats)}
     return {k: v / batch for k, v in out.items()}
+
+
+def vae_channels_last_probe(vae, height: int, batch: int, device: str, repeats: int) -> dict:
+    """Decode seconds per image with the VAE's convolutions channels-last and cuDNN autotuning on,
+    against the default (recorded only; the VAE is put back as it was)."""
+    import torch
+
+    z = torch.randn(batch, vae.config.latent_channels, height // 8, height // 8, device=device, dtype=vae.dtype)
+    bench = torch.backends.cudnn.benchmark
+    with torch.no_grad():
+        ref = vae.decode(z).sample.float()
+        base = timed(lambda: vae.decode(z), device, 1, repeats) / batch
+        torch.backends.cudnn.benchmark = True
+        vae.to(memory_format=torch.channels_last)
+        try:
+            fast = timed(lambda: vae.decode(z), device, 1, repeats) / batch
+            diff = float((vae.decode(z).sample.float() - ref).abs().max())
+        finally:
+            vae.to(memory_format=torch.contiguous_format)
+            torch.backends.cudnn.benchmark = bench
+    return {"decode_default_s": base, "decode_channels_last_s": fast, "max_abs_diff": diff}
 
 
 def overlap_probe(fn, device: str, calls: int, latency: float, concurrency: int) -> dict:
@@ -320,6 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     fig["vae_b1"], fig["vae_batched"] = vae1, vaeB
     log(f"VAE per image: decode {vaeB['decode']:.3f} s, encode cond {vaeB['encode_cond']:.3f}, "
         f"encode start {vaeB['encode_start']:.3f}")
+    if device.startswith("cuda") and not args.tiny:
+        fig["vae_channels_last"] = vae_channels_last_probe(vae, height, min(B, 4), device, repeats)
+        log(f"VAE channels-last probe: {fig['vae_channels_last']}")
+        names = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+        try:
+            fig["sdpa_priority"] = [names.get(int(i), str(i)) for i in torch._C._get_sdp_priority_order()]
+        except (AttributeError, RuntimeError):
+            pass
     fns = forward_fns(tf, inpB)
     fig["overlap_probe"] = overlap_probe(fns["plain"], device, calls=2 * args.concurrency, latency=args.latency,
                                          concurrency=args.concurrency)
@@ -384,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("+ fp8 matmuls (models/fp8.py)", False, every if every in effects else "fp8",
                          budget(f["fp8_plain"], fp8_corr, fp8_enc, vaeB, steps, s, False, True, lat, conc)))
         else:
-            rows.append((f"+ fp8 matmuls: unavailable ({fig['skipped'].get('fp8', '')})", False, "fp8", None))
+            why = fig["skipped"].get("fp8")
+            rows.append((f"+ fp8 matmuls: unavailable ({why})" if why else "+ fp8 matmuls: measured next",
+                         False, "fp8", None))
         orig = rows[0][3]["total_s"]
         fig["rows"] = [{"config": name, "exact": exact, "world_effect": effect_cell(effects, key) if key else None,
                         **(b or {}), "speedup": (orig / b["total_s"]) if b else None} for name, exact, key, b in rows]

@@ -32,13 +32,17 @@ def no_models(monkeypatch):
     monkeypatch.setattr(engine, "build_components", refuse)
 
 
-def test_help_says_oracle_components_are_the_default(capsys):
+def test_help_names_the_default_judges_and_the_oracle_ones(capsys):
     from reflectionflow.cli import main
+
+    from .conftest import SHIPPED
 
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
-    text = capsys.readouterr().out
-    assert "ORACLE" in text and "world-oracle" in text and "reflection method" in text
+    text = " ".join(capsys.readouterr().out.split())
+    assert SHIPPED["verifier"] == SHIPPED["reflector"] == "world-learned"  # what the help text says
+    assert "learned ones (world-learned)" in text and "world-oracle" in text and "reflection method" in text
+    assert "world-mmdit-partial" in text and "world-mmdit-kv-partial" in text
 
 
 def test_default_generate_then_evaluate_and_report(rf, tmp_path):

@@ -46,6 +46,19 @@ def test_fp8_linear_is_close_to_the_linear_it_replaces_and_keeps_shapes():
         FP8Linear(torch.nn.Linear(10, 16))
 
 
+def test_bf16_bias_goes_into_the_matmul_epilogue_with_the_same_result():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    fused = FP8Linear(lin)
+    apart = FP8Linear(lin)
+    apart.epilogue_bias = False
+    assert fused.epilogue_bias  # the CPU's _scaled_mm takes a bf16 bias
+    assert float((fused(x).float() - apart(x).float()).abs().max()) <= 0.0625 * float(apart(x).float().abs().max())
+    assert not FP8Linear(torch.nn.Linear(64, 48)).epilogue_bias  # fp32 layers add it apart
+    assert not FP8Linear(torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)).epilogue_bias
+
+
 def test_quantize_linears_replaces_the_picked_layers_and_leaves_adapters():
     pytest.importorskip("diffusers")
     from diffusers import FluxTransformer2DModel

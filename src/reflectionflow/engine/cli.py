@@ -16,9 +16,10 @@ candidate in OUT/<NNNNN>/trace.jsonl, the ledger, the resolved config and report
 Defaults: the world backend, the reflection method, a budget of 8 (about 20 s per prompt on a
 2-core CPU, start-up included). The world backend's default generator and corrector are the
 project's trained MMDiT models (world-mmdit: weights/world-generator, weights/world-corrector;
-world-mmdit-kv is the corrector with cached condition keys/values). The verifier and reflector
-are still the ORACLE ones (world-oracle: the exact GenEval-Shapes evaluator and the detector), so
-accuracies with them are the paper's oracle-verifier upper bound; the refiner is world-rule. The
+faster correctors: world-mmdit-kv with cached condition keys/values, world-mmdit-partial from the
+previous image half noised, world-mmdit-kv-partial both). The verifier and reflector are the learned
+ones (world-learned); world-oracle names the exact GenEval-Shapes evaluator and the detector, whose
+accuracies are the paper's oracle-verifier upper bound; the refiner is world-rule. The
 renderer-backed stand-ins world-render (generator) and world-edit (corrector) run in milliseconds.
 
 methods: noise (best-of-N over seeds), zero-order (neighbours of the best noise, Flux-TTS),

@@ -306,9 +306,10 @@ class PoolBatches(BatchSource):
 @torch.no_grad()
 def correct_images(model: MMDiT, images: np.ndarray, prompts: Sequence[str], reflections: Sequence[str],
                    seeds: Sequence[int], steps: int = 20, cfg_scale: float = 3.0,
-                   batch_size: int = 256) -> tuple[np.ndarray, int]:
+                   batch_size: int = 256, strength: float = 1.0) -> tuple[np.ndarray, int]:
     """(B, 64, 64, 3) uint8 corrections of `images` and the NFE per image (the engine adapter,
-    backends.world.mmdit.MMDiTCorrector, does the same through the Corrector interface)."""
+    backends.world.mmdit.MMDiTCorrector, does the same through the Corrector interface).
+    `strength` < 1 starts from each image partly noised (RectifiedFlow.sample)."""
     dev = next(model.parameters()).device
     flow = RectifiedFlow(model, model.tokenizer([""])[0].to(dev), text_dropout=0.0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
@@ -320,7 +321,8 @@ def correct_images(model: MMDiT, images: np.ndarray, prompts: Sequence[str], ref
         texts = [corrector_text(p, r, model.tokenizer) for p, r in
                  zip(prompts[i : i + batch_size], reflections[i : i + batch_size])]
         with autocast:
-            res = flow.sample(noise, model.tokenizer(texts).to(dev), cond, steps=steps, cfg=cfg_scale)
+            res = flow.sample(noise, model.tokenizer(texts).to(dev), cond, steps=steps, cfg=cfg_scale,
+                              strength=strength)
         out.append(to_uint8(res.images).numpy())
         nfe = res.nfe
     return (np.concatenate(out) if out else np.zeros((0, 64, 64, 3), np.uint8)), nfe
@@ -348,19 +350,31 @@ class Validation(Validator):
     def __call__(self, step: int, family: WorldFamily) -> dict:
         reflections = [r["reflection"] if not r["correct"] else KEEP for r in self.rows]
         seeds = [1_000_000 + i for i in range(len(self.rows))]  # not the samples' own noises
-        out, nfe = correct_images(family.model, self.images, [r["prompt"] for r in self.rows], reflections, seeds,
-                                  self.cfg.val_steps, self.cfg.val_guidance)
-        now = [evaluate_image(img, m).correct for img, m in zip(out, self.metas)]
+        prompts = [r["prompt"] for r in self.rows]
         nf = len(self.fail)
-        result = {"step": step, "fixed": round(float(np.mean(now[:nf])), 4) if nf else None,
-                  "broken": round(1 - float(np.mean(now[nf:])), 4) if len(now) > nf else None,
-                  "failed_samples": nf, "passed_samples": len(now) - nf, "nfe": nfe}
-        pairs = np.stack([self.images[:48], out[:48]], 1).reshape(-1, *out.shape[1:]) if len(out) else out
-        save_grid(pairs, self.out / "samples" / f"step_{step:06d}.png")  # (condition, correction) pairs
+        result: dict = {"step": step}
+        # From pure noise, and from each partial-start strength the corrector is trained for.
+        strengths = [1.0] + ([s for s in self.cfg.partial_strengths if s < 1] if self.cfg.partial_share > 0 else [])
+        for s in strengths:
+            out, nfe = correct_images(family.model, self.images, prompts, reflections, seeds,
+                                      self.cfg.val_steps, self.cfg.val_guidance, strength=s)
+            now = [evaluate_image(img, m).correct for img, m in zip(out, self.metas)]
+            tag = "" if s == 1.0 else f"@{s:g}"
+            result[f"fixed{tag}"] = round(float(np.mean(now[:nf])), 4) if nf else None
+            result[f"broken{tag}"] = round(1 - float(np.mean(now[nf:])), 4) if len(now) > nf else None
+            if s == 1.0:
+                result.update(failed_samples=nf, passed_samples=len(now) - nf, nfe=nfe)
+                pairs = np.stack([self.images[:48], out[:48]], 1).reshape(-1, *out.shape[1:]) if len(out) else out
+                save_grid(pairs, self.out / "samples" / f"step_{step:06d}.png")  # (condition, correction) pairs
+            else:
+                result[f"nfe{tag}"] = nfe
         return result
 
     def describe(self, row: dict) -> str:
-        return f"fixed {row['fixed']} broken {row['broken']}"
+        parts = [f"fixed {row['fixed']} broken {row['broken']}"]
+        parts += [f"from {k[6:]}: fixed {v} broken {row.get('broken' + k[5:])}"
+                  for k, v in row.items() if k.startswith("fixed@")]
+        return "; ".join(parts)
 
 
 def pool_validation(cfg: WorldCorrectorConfig, pool: Pool) -> Validation | None:

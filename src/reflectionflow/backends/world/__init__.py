@@ -44,5 +44,6 @@ register("reflector", "world-oracle", "edit commands from the detector versus th
 register("refiner", "world-rule", "restates a world prompt explicitly, stressing what the reflection fixes")(
     _plain(RuleRefiner, "refiner world-rule"))
 
-# Registering: generator world-mmdit, correctors world-mmdit and world-mmdit-kv; verifier and reflector world-learned.
+# Registering: generator world-mmdit, correctors world-mmdit, world-mmdit-kv, world-mmdit-partial and
+# world-mmdit-kv-partial; verifier and reflector world-learned.
 from . import learned, mmdit  # noqa: E402,F401

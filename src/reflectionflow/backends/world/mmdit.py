@@ -55,6 +55,11 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[4] / "weights"
 DEFAULT_GENERATOR = WEIGHTS_DIR / "world-generator"
 DEFAULT_CORRECTOR = WEIGHTS_DIR / "world-corrector"
 DEFAULT_CORRECTOR_KV = WEIGHTS_DIR / "world-corrector-kv"
+# Trained to start from the previous image partly noised (train --partial-share 1 --partial-strengths 0.5):
+# half the steps, used at strength 0.5 by default.
+DEFAULT_CORRECTOR_PARTIAL = WEIGHTS_DIR / "world-corrector-partial"
+DEFAULT_CORRECTOR_KV_PARTIAL = WEIGHTS_DIR / "world-corrector-kv-partial"
+PARTIAL_STRENGTH = 0.5
 CORRECTOR_FORMAT = "reflectionflow-world-corrector/1"
 REFLEXION = " [Reflexion]: "  # the original's separator between the prompt and the reflection
 TRAIN_GENERATOR_HINT = "the shipped ones are in weights/world-generator; train others with " \
@@ -379,9 +384,23 @@ def _kv_corrector(**options) -> MMDiTCorrector:
     return MMDiTCorrector(**{"weights": str(DEFAULT_CORRECTOR_KV), **options})
 
 
+def _partial_corrector(**options) -> MMDiTCorrector:
+    return MMDiTCorrector(**{"weights": str(DEFAULT_CORRECTOR_PARTIAL), "strength": PARTIAL_STRENGTH, **options})
+
+
+def _kv_partial_corrector(**options) -> MMDiTCorrector:
+    return MMDiTCorrector(**{"weights": str(DEFAULT_CORRECTOR_KV_PARTIAL), "strength": PARTIAL_STRENGTH, **options})
+
+
 register("generator", "world-mmdit", "the trained world MMDiT generator (weights/world-generator)")(MMDiTGenerator)
 register("corrector", "world-mmdit",
          "the world generator + reflection LoRA, OminiControl layout (weights/world-corrector)")(MMDiTCorrector)
 register("corrector", "world-mmdit-kv",
          "the corrector whose condition tokens attend only to themselves, K/V cached "
          "(weights/world-corrector-kv)")(_kv_corrector)
+register("corrector", "world-mmdit-partial",
+         "the corrector trained to start from the previous image half noised: half the steps "
+         "(weights/world-corrector-partial, strength 0.5)")(_partial_corrector)
+register("corrector", "world-mmdit-kv-partial",
+         "cached condition K/V and a start from the previous image half noised: the fastest "
+         "(weights/world-corrector-kv-partial, strength 0.5)")(_kv_partial_corrector)
