@@ -190,3 +190,20 @@ def test_fp8_matmul_tiny():
     for r in rows:
         assert all(r[c] > 0 for c in ("bf16", "row", "row_fast", "tensor", "tensor_fast"))
         assert "fp8linear_compiled" not in r
+
+
+def test_sdpa_backends_tiny():
+    rows = load_benchmark_module("sdpa_backends").main(["--tiny", "--batch", "1"])
+    assert [(r["queries"], r["keys"]) for r in rows] == [(64, 64), (64, 96)]
+    for r in rows:
+        assert r["math"]["ms"] > 0 and r["math"]["max_diff"] == 0.0 and r["default"]["ms"] > 0
+
+
+def test_corrector_renders_counts_fixes_per_case(capsys):
+    bench = load_benchmark_module("corrector_renders")
+    fixed = bench.main(["--correctors", "world-edit", "--seeds", "2"])  # the renderer-backed stand-in
+    assert set(fixed) == {("world-edit", p, f) for p, f in bench.CASES}
+    assert all(0 <= n <= 2 for n in fixed.values())
+    assert "| a photo of three circles | missing |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--correctors", "no-such-corrector"])

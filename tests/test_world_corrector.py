@@ -262,8 +262,6 @@ def test_pool_run_resumes_exactly_with_its_ema_workers_and_partial_starts(folder
 def test_pool_validation_also_runs_from_the_trained_partial_starts(folders, tmp_path):
     """A corrector trained for partial-noise starts is validated from pure noise and from each of its
     start strengths (fewer steps, so fewer NFE); one trained without them only from pure noise."""
-    import json
-
     from reflectionflow.train.corrector import train_world_corrector
 
     def run(out, **kw):
@@ -326,3 +324,15 @@ def test_shipped_partial_start_correctors_run_half_the_steps_and_edit(name, atte
     # (they were trained on the generator's own failures, docs/RESULTS.md).
     assert fixed >= 2
     assert build("corrector", name, device="cpu", strength=1.0).opt.strength == 1.0
+
+
+def test_a_corrector_starts_where_it_was_trained_to_unless_told():
+    from reflectionflow.backends.world.mmdit import trained_strength
+
+    def cfg(share, strengths):
+        return {"train_config": {"partial_share": share, "partial_strengths": strengths}}
+
+    assert trained_strength(cfg(1.0, [0.5])) == 0.5
+    assert trained_strength(cfg(0.5, [0.5])) == 1.0  # also trained from pure noise
+    assert trained_strength(cfg(1.0, [0.4, 0.5])) == 1.0  # no single start to pick
+    assert trained_strength({}) == 1.0  # correctors written before partial starts existed

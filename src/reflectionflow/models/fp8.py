@@ -77,11 +77,12 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_fp8", w8)  # (N, K)
         self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # (1, N) fp32
         self.bias = linear.bias  # kept in its dtype
-        # Added in the matmul's epilogue where _scaled_mm takes it (a plain bool, so compiled
-        # graphs see a constant); else a separate add.
+        # Added in the matmul's epilogue where _scaled_mm takes it: decided here, on the device type the
+        # layer is quantised on (a plain string, so compiled graphs see a constant). A layer moved to
+        # another device type later (offloading) adds the bias apart.
         dev, dt = linear.weight.device, linear.weight.dtype
-        self.epilogue_bias = (linear.bias is not None and linear.bias.dtype == dt and dt != torch.float32
-                              and bias_in_epilogue(dev, dt))
+        ok = linear.bias is not None and linear.bias.dtype == dt and dt != torch.float32 and bias_in_epilogue(dev, dt)
+        self.epilogue_bias = dev.type if ok else None
 
     def forward(self, x: torch.Tensor, cond: bool = False) -> torch.Tensor:
         """`cond`: the world MMDiT's BranchLinear signature (the base layer ignores the branch)."""
@@ -89,7 +90,7 @@ class FP8Linear(nn.Module):
         xq, sx = quantize_rows(x.reshape(-1, self.in_features))  # (M, K), (M, 1)
         # Fast accumulation (Hopper's fp8 accumulator, as inference kernels use it): 15-20% faster
         # than the exact one on FLUX's shapes (benchmarks in docs/RESULTS.md).
-        if self.epilogue_bias and x.dtype == self.bias.dtype:
+        if self.epilogue_bias == x.device.type and x.dtype == self.bias.dtype:
             y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=sx, scale_b=self.weight_scale, bias=self.bias,
                                  out_dtype=x.dtype, use_fast_accum=xq.is_cuda)
             return y.reshape(*lead, self.out_features)

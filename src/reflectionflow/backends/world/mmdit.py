@@ -9,9 +9,10 @@ world-corrector` (OminiControl layout, REFERENCE.md section 3): the previous ima
 condition tokens beside the target grid and the text is `prompt + " [Reflexion]: " + reflection`.
 With `cond_attention="causal_kv"` (weights/world-corrector-kv) the condition tokens' keys and
 values are computed once per image and reused at every step (`MMDiT.encode_condition`).
-With `strength` < 1 (default 1: from pure noise, as trained) a correction starts from the previous
-image noised to the Euler grid's time at step (1 - strength) x steps and runs only the remaining
-steps: fewer model calls per correction, a different algorithm (docs/speed.md).
+With `strength` < 1 a correction starts from the previous image noised to the Euler grid's time at
+step (1 - strength) x steps and runs only the remaining steps: fewer model calls per correction, a
+different algorithm (docs/speed.md). The default is the start the corrector was trained for: 1 (pure
+noise) for most, 0.5 for weights/world-corrector-partial and -kv-partial.
 
 On disk a corrector is a folder with `lora.safetensors` (fp16 adapter weights only, its config
 in the metadata) and `corrector.json` (LoRA settings, condition attention, the base generator's
@@ -55,11 +56,10 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[4] / "weights"
 DEFAULT_GENERATOR = WEIGHTS_DIR / "world-generator"
 DEFAULT_CORRECTOR = WEIGHTS_DIR / "world-corrector"
 DEFAULT_CORRECTOR_KV = WEIGHTS_DIR / "world-corrector-kv"
-# Trained to start from the previous image partly noised (train --partial-share 1 --partial-strengths 0.5):
-# half the steps, used at strength 0.5 by default.
+# Trained to start from the previous image half noised (train --partial-share 1 --partial-strengths 0.5):
+# they run at that strength, half the steps, unless the option `strength` says otherwise.
 DEFAULT_CORRECTOR_PARTIAL = WEIGHTS_DIR / "world-corrector-partial"
 DEFAULT_CORRECTOR_KV_PARTIAL = WEIGHTS_DIR / "world-corrector-kv-partial"
-PARTIAL_STRENGTH = 0.5
 CORRECTOR_FORMAT = "reflectionflow-world-corrector/1"
 REFLEXION = " [Reflexion]: "  # the original's separator between the prompt and the reflection
 TRAIN_GENERATOR_HINT = "the shipped ones are in weights/world-generator; train others with " \
@@ -231,13 +231,23 @@ class CorrectorOptions(SamplerOptions):
     generator: str | None = None  # the base generator folder; None: weights/world-generator
     batch_size: int = 128
     cache_cond: bool = True  # causal_kv: condition keys/values once per image, not once per step
-    strength: float = 1.0  # < 1: start from the previous image partly noised, run that share of the steps
+    # < 1: start from the previous image partly noised, run that share of the steps. None: the
+    # strength the corrector was trained for (trained_strength), 1 for one trained from pure noise.
+    strength: float | None = None
 
     def check(self, who: str) -> None:
         super().check(who)
         v = self.strength
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0):
             raise ComponentError(f"{who}: option strength must be a number in (0, 1], got {v!r}")
+
+
+def trained_strength(config: dict) -> float:
+    """The start a corrector was trained for (its corrector.json): the one partial strength when every
+    sample started from the noised previous image (`--partial-share 1`), else 1 (pure noise)."""
+    train = config.get("train_config") or {}
+    strengths = train.get("partial_strengths") or []
+    return float(strengths[0]) if train.get("partial_share") == 1 and len(strengths) == 1 else 1.0
 
 
 def _cuda_available() -> bool:
@@ -341,6 +351,8 @@ class MMDiTCorrector(Corrector):
     def __init__(self, **options):
         self.opt: CorrectorOptions = _options(CorrectorOptions, options, self.who)
         model, self.config = load_corrector(self.opt.weights, self.opt.generator)
+        if self.opt.strength is None:
+            self.opt.strength = trained_strength(self.config)
         self.sampler = _Sampler(model, self.opt)
         self.model = self.sampler.model
 
@@ -380,16 +392,11 @@ class MMDiTCorrector(Corrector):
         return out
 
 
-def _kv_corrector(**options) -> MMDiTCorrector:
-    return MMDiTCorrector(**{"weights": str(DEFAULT_CORRECTOR_KV), **options})
-
-
-def _partial_corrector(**options) -> MMDiTCorrector:
-    return MMDiTCorrector(**{"weights": str(DEFAULT_CORRECTOR_PARTIAL), "strength": PARTIAL_STRENGTH, **options})
-
-
-def _kv_partial_corrector(**options) -> MMDiTCorrector:
-    return MMDiTCorrector(**{"weights": str(DEFAULT_CORRECTOR_KV_PARTIAL), "strength": PARTIAL_STRENGTH, **options})
+def _shipped_corrector(weights: Path):
+    """The registry factory of a corrector shipped in weights/ (options may still name others)."""
+    def factory(**options) -> MMDiTCorrector:
+        return MMDiTCorrector(**{"weights": str(weights), **options})
+    return factory
 
 
 register("generator", "world-mmdit", "the trained world MMDiT generator (weights/world-generator)")(MMDiTGenerator)
@@ -397,10 +404,10 @@ register("corrector", "world-mmdit",
          "the world generator + reflection LoRA, OminiControl layout (weights/world-corrector)")(MMDiTCorrector)
 register("corrector", "world-mmdit-kv",
          "the corrector whose condition tokens attend only to themselves, K/V cached "
-         "(weights/world-corrector-kv)")(_kv_corrector)
+         "(weights/world-corrector-kv)")(_shipped_corrector(DEFAULT_CORRECTOR_KV))
 register("corrector", "world-mmdit-partial",
          "the corrector trained to start from the previous image half noised: half the steps "
-         "(weights/world-corrector-partial, strength 0.5)")(_partial_corrector)
+         "(weights/world-corrector-partial, strength 0.5)")(_shipped_corrector(DEFAULT_CORRECTOR_PARTIAL))
 register("corrector", "world-mmdit-kv-partial",
          "cached condition K/V and a start from the previous image half noised: the fastest "
-         "(weights/world-corrector-kv-partial, strength 0.5)")(_kv_partial_corrector)
+         "(weights/world-corrector-kv-partial, strength 0.5)")(_shipped_corrector(DEFAULT_CORRECTOR_KV_PARTIAL))
