@@ -13,7 +13,18 @@ VLM components, and any tool that writes the same first line, get:
   refine   -> the refiner's prompt (the current prompt unchanged when no refiner is served)
 Images of another size are resized to the world's 64x64 (box filter) before judging.
 
-Standard library only (ThreadingHTTPServer); it listens on 127.0.0.1 unless told otherwise.
+Standard library only (http.server; no HTTP server library is among the project's dependencies,
+and the one route needs none); it listens on 127.0.0.1 unless told otherwise.
+
+Hostile clients (docs/security.md). Connections are served by a bounded pool of `workers` threads;
+at most `backlog` more wait for one, and a connection beyond that is answered 503 at once. Each
+request must arrive whole (request line, headers and body) within `request_timeout` seconds and
+each read within `idle_timeout` (a watchdog shuts the socket of a late one: slow drips and
+half-open connections are cut). The API key is checked from the headers, before the body is read;
+Content-Length must be a decimal number up to MAX_BODY. Every request the server refuses gets a
+4xx JSON error in the OpenAI shape, and an error inside the server a 500 one, never silence.
+Images are decoded by `reflectionflow.io.decode_image` (its byte and pixel caps), at most
+`DECODE_SLOTS` at a time.
 
 Batching. Each component (verifier, reflector, refiner) sits behind a `Batcher`: a queue and one
 worker thread. When the component is free, the worker takes every request waiting for it (at most
@@ -37,26 +48,34 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import math
+import os
 import queue
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import numpy as np
 
+from .. import redact
 from ..backends.vlm import prompts as P
 from ..components import PromptRefiner, RefineRequest, ReflectionRequest, Reflector, Verdict, Verifier
+from ..io import MAX_IMAGE_BYTES, ImageError
+from ..io import decode_image as _decode
 
 WORLD_SIZE = 64
-MAX_BODY = 64 * 1024 * 1024
+MAX_BODY = 16 * 1024 * 1024  # one request's body at most: a FLUX-size PNG is about 2 MB
+# Image decodes at once (CPU-bound: more than the cores only multiplies the memory held).
+DECODE_SLOTS = max(1, min(4, os.cpu_count() or 1))
+_decodes = threading.BoundedSemaphore(DECODE_SLOTS)
+MAX_TOP_LOGPROBS = 20  # OpenAI's own limit
 
 
 class ServeError(ValueError):
@@ -76,20 +95,23 @@ class Judges:
 
 
 def decode_image(url: str, size: int | None = WORLD_SIZE) -> np.ndarray:
-    """A data: URL -> (H, W, 3) uint8, resized to size x size when it differs."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not url.startswith("data:") or ";base64," not in url:
+    """A data: URL -> (H, W, 3) uint8, resized to size x size when it differs (io.decode_image's caps)."""
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
         raise ServeError("image_url must be a data: URL with base64 content (this server fetches nothing)")
+    payload = url.split(";base64,", 1)[1]
+    if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise ServeError(f"image_url: over the cap of {MAX_IMAGE_BYTES} bytes for one image", status=413)
     try:
-        raw = base64.b64decode(url.split(";base64,", 1)[1], validate=False)
-        with Image.open(io.BytesIO(raw)) as im:
-            im = im.convert("RGB")
-            if size and im.size != (size, size):
-                im = im.resize((size, size), Image.BOX)
-            return np.asarray(im)
-    except (binascii.Error, UnidentifiedImageError, OSError) as e:
-        raise ServeError(f"image_url does not hold a readable image ({e})") from None
+        raw = base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError) as e:
+        raise ServeError(f"image_url is not valid base64 ({e})") from None
+    with _decodes:
+        try:
+            return _decode(raw, "image_url", size=size)
+        except ImageError as e:
+            over = "over the cap" in str(e)
+            raise ServeError(str(e) if over else f"image_url does not hold a readable image ({e})",
+                             status=413 if over else 400) from None
 
 
 def _content(messages) -> tuple[str, list[str]]:
@@ -107,11 +129,16 @@ def _content(messages) -> tuple[str, list[str]]:
             texts.append(c)
         elif isinstance(c, list):
             for part in c:
+                if not isinstance(part, dict):
+                    raise ServeError("each part of a message's content must be an object with a type "
+                                     f"(text or image_url), got {type(part).__name__}")
                 if part.get("type") == "text":
                     texts.append(str(part.get("text", "")))
                 elif part.get("type") == "image_url":
                     iu = part.get("image_url")
                     images.append(iu.get("url", "") if isinstance(iu, dict) else str(iu))
+        elif c is not None:
+            raise ServeError(f"a message's content must be text or a list of parts, got {type(c).__name__}")
     return "\n".join(texts), images
 
 
@@ -336,7 +363,7 @@ class JudgeService:
                 if body.get("logprobs"):
                     alts = [{"token": "Yes", "logprob": math.log(p)}, {"token": "No", "logprob": math.log(1 - p)}]
                     alts.sort(key=lambda a: -a["logprob"])
-                    k = int(body.get("top_logprobs") or 0)
+                    k = body.get("top_logprobs") or 0
                     logprobs = {"content": [{"token": answer, "logprob": math.log(p if answer == "Yes" else 1 - p),
                                              "top_logprobs": alts[: max(k, 1)] if k else []}]}
             else:
@@ -382,6 +409,9 @@ class JudgeService:
         """Everything the server can refuse by itself, before the request joins a batch."""
         if not isinstance(body, dict):
             raise ServeError("the body must be a JSON object")
+        k = body.get("top_logprobs")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS):
+            raise ServeError(f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {str(k)[:40]!r}")
         text, urls = _content(body.get("messages"))
         fields = P.parse_fields(text)
         task = P.task_of(text)
@@ -402,29 +432,67 @@ class JudgeService:
 Hook = Callable[[str, dict | None], tuple[int, bytes, float] | None]
 
 
+class _Refused(Exception):
+    """A request answered with an error before its body was read: the connection closes after it."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: JudgeServer
     protocol_version = "HTTP/1.1"
 
+    def setup(self):
+        self.timeout = self.server.idle_timeout  # every read: StreamRequestHandler sets it on the socket
+        super().setup()
+
+    def handle_one_request(self):
+        # The whole request (line, headers, body) must arrive by the deadline; the watchdog cuts it off.
+        self._answered = False
+        self.server.watch(self.connection, self.server.request_timeout)
+        try:
+            super().handle_one_request()
+            if not self._answered and self.server.expired(self.connection):
+                self._error(408, f"the request did not arrive within {self.server.request_timeout:g} s", close=True)
+        except OSError:
+            self.close_connection = True
+        finally:
+            self.server.unwatch(self.connection)
+
     def log_message(self, fmt, *args):  # quiet by default; the CLI turns logging on
         if self.server.log:
-            super().log_message(fmt, *args)
+            super().log_message("%s", redact.scrub(fmt % args))
 
     def _send(self, status: int, payload: bytes, content_type: str = "application/json", extra: dict | None = None):
+        self._answered = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         for k, v in (extra or {}).items():
             self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         try:
             self.wfile.write(payload)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout)
-            pass
+        except OSError:  # the client gave up (its timeout), or the watchdog cut it
+            self.close_connection = True
 
-    def _error(self, status: int, message: str):
+    def _error(self, status: int, message: str, close: bool = False):
+        if close:
+            self.close_connection = True
         kind = "invalid_request_error" if status < 500 else "server_error"
         self._send(status, json.dumps({"error": {"message": message, "type": kind}}).encode())
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a bad request line, headers too long): JSON, like the rest."""
+        self.close_connection = True
+        try:
+            self._error(code, message or self.responses.get(code, ("error",))[0], close=True)
+        except OSError:
+            pass
 
     def _authorised(self) -> bool:
         key = self.server.api_key
@@ -432,8 +500,7 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         if self.headers.get("Authorization", "") == f"Bearer {key}":
             return True
-        self._error(401, "missing or wrong API key")
-        return False
+        raise _Refused(401, "missing or wrong API key")
 
     def _hooked(self, body) -> bool:
         if self.server.hook is None:
@@ -448,31 +515,74 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, payload, extra=extra)
         return True
 
+    def _body(self) -> bytes:
+        """The body, after the key and the Content-Length were checked; _Refused otherwise."""
+        self._authorised()
+        if self.headers.get("Transfer-Encoding"):
+            raise _Refused(411, "send the body with a Content-Length (chunked bodies are not read)")
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            raise _Refused(411, "a POST needs a Content-Length header")
+        text = values[0].strip()
+        if len(set(v.strip() for v in values)) > 1 or not text.isascii() or not text.isdigit() or len(text) > 20:
+            raise _Refused(400, f"Content-Length must be one decimal number of bytes, got {text[:40]!r}")
+        length = int(text)
+        if length > self.server.max_body:
+            raise _Refused(413, f"request body of {length} bytes is over the cap of {self.server.max_body} bytes")
+        chunks, left = [], length
+        while left > 0:
+            late = False
+            try:
+                chunk = self.rfile.read(min(left, 1 << 20))
+            except OSError as e:
+                chunk, late = b"", isinstance(e, TimeoutError)
+            if not chunk:
+                raise _Refused(408 if late or self.server.expired(self.connection) else 400,
+                               f"the body ended after {length - left} of {length} bytes "
+                               f"(each request must arrive within {self.server.request_timeout:g} s)")
+            chunks.append(chunk)
+            left -= len(chunk)
+        self.server.unwatch(self.connection)  # the request is in: answering may take as long as it takes
+        return b"".join(chunks)
+
+    def _guarded(self, serve: Callable[[], None]) -> None:
+        try:
+            serve()
+        except _Refused as e:
+            self._error(e.status, str(e), close=True)
+        except Exception as e:  # a bug must still answer, and not kill the worker
+            self.server.errors += 1
+            self._error(500, f"internal error ({type(e).__name__}); the request was not answered", close=True)
+            if self.server.log:
+                super().log_message("%s", redact.scrub(f"internal error: {type(e).__name__}: {e}"))
+
     def do_GET(self):
-        if not self._authorised() or self._hooked(None):
+        self._guarded(self._get)
+
+    def do_POST(self):
+        self._guarded(self._post)
+
+    def _get(self):
+        self._authorised()
+        self.server.unwatch(self.connection)
+        if self._hooked(None):
             return
         if self.path.rstrip("/") in ("/v1/models", "/models"):
             self._send(200, json.dumps(self.server.service.models()).encode())
         else:
-            self._error(404, f"no route {self.path}; try POST /v1/chat/completions")
+            self._error(404, f"no route {self.path[:200]}; try POST /v1/chat/completions")
 
-    def do_POST(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self._error(413, f"request body over {MAX_BODY} bytes")
-            return
-        raw = self.rfile.read(length)
-        if not self._authorised():
-            return
+    def _post(self):
+        raw = self._body()
         try:
             body = json.loads(raw or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             self._error(400, "the body is not JSON")
             return
         if self._hooked(body):
             return
         if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
-            self._error(404, f"no route {self.path}; try POST /v1/chat/completions")
+            self._error(404, f"no route {self.path[:200]}; try POST /v1/chat/completions")
             return
         try:
             answer = self.server.service.answer(body)
@@ -480,31 +590,118 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(e.status, str(e))
             return
         except ValueError as e:  # a judge refusing its input (e.g. a prompt outside the world)
-            self._error(400, f"the judge could not answer: {e}")
+            self._error(400, f"the judge could not answer: {str(e)[:500]}")
             return
         self._send(200, json.dumps(answer.response).encode(), extra={"X-Batch-Size": str(answer.batch)})
 
 
-class JudgeServer(ThreadingHTTPServer):
-    daemon_threads = True
-    # socketserver's default backlog of 5 overflows under a few dozen clients (connections reset).
+class JudgeServer(HTTPServer):
+    """The endpoint: a bounded pool of worker threads, per-request deadlines, one watchdog thread.
+
+    workers: connections served at once; backlog: connections accepted and waiting for a worker
+    (beyond both: 503 at once); request_timeout: seconds for a whole request to arrive;
+    idle_timeout: seconds for any one read (also how long a kept-alive connection may sit idle).
+    """
+
+    # The kernel's queue of connections not yet accepted (socketserver's default of 5 overflows
+    # under a few dozen clients: connections reset).
     request_queue_size = 128
 
     def __init__(self, service: JudgeService, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                 hook: Hook | None = None, log: bool = False):
+                 hook: Hook | None = None, log: bool = False, workers: int = 64, backlog: int = 64,
+                 request_timeout: float = 30.0, idle_timeout: float = 10.0, max_body: int = MAX_BODY):
+        for name, v in (("workers", workers), ("backlog", backlog)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "workers" else 0):
+                raise ServeError(f"{name} must be an integer >= {1 if name == 'workers' else 0}, got {v!r}")
+        for name, v in (("request_timeout", request_timeout), ("idle_timeout", idle_timeout)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ServeError(f"{name} must be a positive number of seconds, got {v!r}")
         self.service = service
         self.api_key = api_key
+        redact.register(api_key)
         self.hook = hook
         self.log = log
+        self.workers, self.backlog = workers, backlog
+        self.request_timeout, self.idle_timeout, self.max_body = request_timeout, idle_timeout, max_body
+        self.refused = 0  # connections answered 503 because every worker and queue place was taken
+        self.cut = 0  # requests the watchdog cut off at their deadline
+        self.errors = 0  # requests answered 500
+        self._slots = threading.BoundedSemaphore(workers + backlog)
+        self._pool = _Pool(workers)
+        self._watch_lock = threading.Lock()
+        self._deadlines: dict[socket.socket, float] = {}
+        self._expired: set[socket.socket] = set()
+        self._closing = threading.Event()
         super().__init__((host, port), _Handler)
+        self._watchdog = threading.Thread(target=self._watch_loop, name="reflectionflow-serve-watchdog", daemon=True)
+        self._watchdog.start()
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/v1"
 
+    # -- the bounded pool -----------------------------------------------------------------------
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            _refuse(request)
+            self.shutdown_request(request)
+            return
+        try:
+            self._pool.submit(self._serve_one, request, client_address)
+        except RuntimeError:  # the pool is closed: the server is stopping
+            self._slots.release()
+            self.shutdown_request(request)
+
+    def _serve_one(self, request, client_address) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.unwatch(request)
+            self._expired.discard(request)
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request, client_address):  # a dropped client is no traceback in the log
+        if self.log:
+            super().handle_error(request, client_address)
+
+    # -- the watchdog -----------------------------------------------------------------------------
+    def watch(self, sock: socket.socket, seconds: float) -> None:
+        with self._watch_lock:
+            self._deadlines[sock] = time.monotonic() + seconds
+
+    def unwatch(self, sock: socket.socket) -> None:
+        with self._watch_lock:
+            self._deadlines.pop(sock, None)
+
+    def expired(self, sock: socket.socket) -> bool:
+        with self._watch_lock:
+            return sock in self._expired
+
+    def _watch_loop(self) -> None:
+        tick = min(0.25, self.request_timeout / 4)
+        while not self._closing.wait(tick):
+            now = time.monotonic()
+            with self._watch_lock:
+                late = [s for s, t in self._deadlines.items() if t <= now]
+                for s in late:
+                    del self._deadlines[s]
+                    self._expired.add(s)
+            for s in late:
+                self.cut += 1
+                try:
+                    s.shutdown(socket.SHUT_RD)  # the blocked read returns; an answer can still be written
+                except OSError:
+                    pass
+
     def server_close(self) -> None:
         super().server_close()
+        self._closing.set()
+        self._pool.close()
         self.service.close()
 
     def start(self) -> threading.Thread:
@@ -512,6 +709,51 @@ class JudgeServer(ThreadingHTTPServer):
         t = threading.Thread(target=self.serve_forever, name="reflectionflow-serve", daemon=True)
         t.start()
         return t
+
+
+class _Pool:
+    """A fixed set of daemon worker threads over one queue (they never outlive the process)."""
+
+    def __init__(self, workers: int):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._run, name=f"reflectionflow-serve-worker-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn, *args) -> None:
+        if self._closed:
+            raise RuntimeError("pool closed")
+        self._queue.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            fn, args = job
+            fn(*args)
+
+    def close(self) -> None:
+        self._closed = True
+        for _ in self._threads:
+            self._queue.put(None)
+
+
+_BUSY = json.dumps({"error": {"message": "the server is busy (every worker and queue place is taken); "
+                              "retry later", "type": "server_error"}}).encode()
+
+
+def _refuse(sock: socket.socket) -> None:
+    """503 from the accepting thread, without reading anything and without waiting on the client."""
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(_BUSY)}"
+            "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+    try:
+        sock.setblocking(False)
+        sock.send(head + _BUSY)
+    except OSError:
+        pass
 
 
 def world_judges(verifier: str | None = None, reflector: str | None = None, refiner: str | None = None,

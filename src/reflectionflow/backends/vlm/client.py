@@ -6,14 +6,22 @@ Standard library only (urllib + threads). What it guarantees, and the original c
 - 429, 408, 5xx, timeouts and dropped connections are retried with exponential backoff and
   jitter (a server's Retry-After is honoured, capped at `max_backoff`);
 - a call that still fails becomes a `ChatResult` with `error` set; it never raises, so the batch's
-  other calls and the run go on, and the engine records the error in the trace;
-- the API key is sent in the Authorization header and nowhere else: not in errors, not in repr.
+  other calls and the run go on, and the engine records the error in the trace. An answer that
+  does not parse (no text, a usage count that is not a number, a logprobs entry that is not an
+  object, an answer over MAX_ANSWER bytes) is such a failure, counted as "malformed";
+- `timeout` bounds each whole attempt (connect, send, every byte of the answer), not each socket
+  read: a watchdog shuts the socket at the deadline, so a server that drips one byte a second
+  cannot hold an attempt longer than `timeout`;
+- the API key is sent in the Authorization header and nowhere else: not in errors, not in repr;
+  it is registered with `reflectionflow.redact`, so an endpoint that echoes it in an error message
+  never gets it written to disk.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import math
 import random
 import socket
 import threading
@@ -26,7 +34,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ... import redact
+
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+MAX_ANSWER = 16 * 1024 * 1024  # bytes of one answer at most (a chat completion is a few KB)
 
 
 class VLMError(ValueError):
@@ -114,6 +125,72 @@ class _CallFailed(Exception):
         self.outcome, self.retry, self.retry_after = outcome, retry, retry_after
 
 
+class _Deadline:
+    """Shuts down every socket of one attempt when its time is up (a blocked read then returns)."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            late = self.expired
+        if late:
+            _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            socks = list(self._socks)
+        for sock in socks:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _watched(base: type, deadline: _Deadline) -> type:
+    class Connection(base):
+        def connect(self):
+            super().connect()
+            deadline.watch(self.sock)
+
+    return Connection
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(_watched(http.client.HTTPConnection, self.deadline), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(_watched(http.client.HTTPSConnection, self.deadline), req, context=self._context)
+
+
 class ChatClient:
     def __init__(self, url: str, model: str, api_key: str | None = None, concurrency: int = 8,
                  timeout: float = 60.0, retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
@@ -129,6 +206,7 @@ class ChatClient:
         self.base_url = normalize_base_url(url)
         self.model = model
         self._api_key = api_key
+        redact.register(api_key)
         self.concurrency = concurrency
         self.timeout = timeout
         self.retries = retries
@@ -151,29 +229,48 @@ class ChatClient:
         return h
 
     def _http(self, method: str, path: str, body: dict | None, timeout: float) -> tuple[int, dict]:
-        """One HTTP request; returns (status, parsed JSON) or raises _CallFailed."""
+        """One HTTP request, all of it within `timeout`; returns (status, parsed JSON) or raises _CallFailed
+        (its message scrubbed of the key and anything shaped like one)."""
+        try:
+            return self._http_once(method, path, body, timeout)
+        except _CallFailed as e:
+            raise _CallFailed(e.outcome, redact.scrub(str(e)), e.retry, e.retry_after) from None
+
+    def _http_once(self, method: str, path: str, body: dict | None, timeout: float) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.base_url + path, data=data, headers=self._headers(), method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                raw = resp.read()
-                status = resp.status
-        except urllib.error.HTTPError as e:
-            detail = _error_detail(e)
-            retry_after = _retry_after(e.headers.get("Retry-After") if e.headers else None)
-            raise _CallFailed(str(e.code), f"HTTP {e.code}: {detail}", e.code in RETRY_STATUS, retry_after) from None
-        except TimeoutError:
-            raise _CallFailed("timeout", f"no answer within {timeout:g} s", True) from None
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, (TimeoutError, socket.timeout)):
-                raise _CallFailed("timeout", f"no answer within {timeout:g} s", True) from None
-            raise _CallFailed("connection", f"cannot reach {safe_url(self.base_url)} ({reason})", True) from None
-        except (ConnectionError, OSError, http.client.HTTPException) as e:  # reset / cut off mid-answer
-            raise _CallFailed("connection", f"connection to {safe_url(self.base_url)} broke ({e})", True) from None
+        late = _CallFailed("timeout", f"no answer within {timeout:g} s", True)
+        with _Deadline(timeout) as deadline:
+            opener = urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline))
+            try:
+                with opener.open(req, timeout=timeout) as resp:
+                    raw = resp.read(MAX_ANSWER + 1)
+                    status = resp.status
+            except urllib.error.HTTPError as e:
+                if deadline.expired:
+                    raise late from None
+                detail = _error_detail(e)
+                retry_after = _retry_after(e.headers.get("Retry-After") if e.headers else None)
+                raise _CallFailed(str(e.code), f"HTTP {e.code}: {detail}", e.code in RETRY_STATUS,
+                                  retry_after) from None
+            except TimeoutError:
+                raise late from None
+            except urllib.error.URLError as e:
+                reason = e.reason
+                if deadline.expired or isinstance(reason, (TimeoutError, socket.timeout)):
+                    raise late from None
+                raise _CallFailed("connection", f"cannot reach {safe_url(self.base_url)} ({reason})", True) from None
+            except (ConnectionError, OSError, http.client.HTTPException, ValueError) as e:  # reset / cut off
+                if deadline.expired:
+                    raise late from None
+                raise _CallFailed("connection", f"connection to {safe_url(self.base_url)} broke ({e})", True) from None
+            if deadline.expired:  # the watchdog cut the answer short
+                raise late
+        if len(raw) > MAX_ANSWER:
+            raise _CallFailed("malformed", f"the server's answer is over {MAX_ANSWER} bytes", True)
         try:
             return status, json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _CallFailed("malformed", "the server's answer is not JSON", True) from None
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -228,6 +325,17 @@ class ChatClient:
 
 
 def _parse_completion(answer) -> ChatResult:
+    """A chat completion -> ChatResult; anything that does not fit the format raises _CallFailed("malformed")."""
+    try:
+        return _parse_fields(answer)
+    except _CallFailed:
+        raise
+    except Exception as e:  # every other surprise in a foreign answer is a malformed answer too
+        raise _CallFailed("malformed", f"the answer does not parse ({type(e).__name__}: {str(e)[:120]})", True) \
+            from None
+
+
+def _parse_fields(answer) -> ChatResult:
     try:
         choice = answer["choices"][0]
         text = choice["message"]["content"]
@@ -239,21 +347,46 @@ def _parse_completion(answer) -> ChatResult:
         raise _CallFailed("malformed", f"the answer has no choices[0].message.content ({e})", True) from None
     top = None
     lp = choice.get("logprobs")
-    if isinstance(lp, dict) and lp.get("content"):
-        first = lp["content"][0]
+    if lp is not None and not isinstance(lp, dict):
+        raise _CallFailed("malformed", "choices[0].logprobs is not an object", True)
+    if lp and lp.get("content"):
+        content = lp["content"]
+        if not isinstance(content, list) or not isinstance(content[0], dict):
+            raise _CallFailed("malformed", "choices[0].logprobs.content[0] is not an object", True)
+        first = content[0]
         top = first.get("top_logprobs") or [{"token": first.get("token"), "logprob": first.get("logprob")}]
+        if not isinstance(top, list) or not all(_is_alternative(a) for a in top):
+            raise _CallFailed("malformed", "logprobs entries must be objects with a text token and a numeric "
+                              "logprob", True)
     usage = answer.get("usage") or {}
-    return ChatResult(text=text, top_logprobs=top, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                      completion_tokens=int(usage.get("completion_tokens") or 0))
+    if not isinstance(usage, dict):
+        raise _CallFailed("malformed", "usage is not an object", True)
+    return ChatResult(text=text, top_logprobs=top, prompt_tokens=_count(usage, "prompt_tokens"),
+                      completion_tokens=_count(usage, "completion_tokens"))
+
+
+def _is_alternative(a) -> bool:
+    lp = a.get("logprob") if isinstance(a, dict) else None
+    return (isinstance(a, dict) and isinstance(a.get("token"), str) and isinstance(lp, (int, float))
+            and not isinstance(lp, bool) and not math.isnan(lp))
+
+
+def _count(usage: dict, name: str) -> int:
+    v = usage.get(name)
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or v > 1e12:
+        raise _CallFailed("malformed", f"usage.{name} is not a token count ({str(v)[:40]!r})", True)
+    return int(v)
 
 
 def _error_detail(e: urllib.error.HTTPError) -> str:
     try:
-        body = json.loads(e.read() or b"{}")
+        body = json.loads(e.read(64 * 1024) or b"{}")
         msg = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else body.get("error")
-        return str(msg or e.reason)[:200]
-    except (ValueError, AttributeError, OSError):
-        return str(e.reason)[:200]
+        return redact.scrub(str(msg or e.reason)[:200])
+    except (ValueError, AttributeError, OSError, http.client.HTTPException, RecursionError):
+        return redact.scrub(str(e.reason)[:200])
 
 
 def _retry_after(value: str | None) -> float | None:
