@@ -52,7 +52,7 @@ def test_impossible_splits_name_the_numbers(method, budget, chains, depth, pool,
 def test_config_validation_errors_list_what_is_accepted():
     with pytest.raises(ConfigError, match="unknown method 'beam'; accepted: noise, zero-order, prompt, reflection"):
         RunConfig(method="beam").validate()
-    with pytest.raises(ConfigError, match="budget must be an integer >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"budget \(--budget\) must be an integer in 1..4096, got 0"):
         RunConfig(budget=0).validate()
     with pytest.raises(ConfigError, match="early_stop applies to the prompt and reflection methods"):
         RunConfig(method="noise", early_stop=1.0).validate()

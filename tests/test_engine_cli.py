@@ -86,7 +86,7 @@ def _bad(rf, capsys_err, *argv):
     (["generate", "a photo of a purple dog"], "unknown words: dog"),
     (["generate", "a photo of a purple dog"], "classes: circle, square, triangle, diamond, cross, ring"),
     (["generate", "--prompts", "/nonexistent/p.jsonl"], "no such prompts file"),
-    (["generate", "a photo of a ring", "--budget", "0"], "budget must be an integer >= 1, got 0"),
+    (["generate", "a photo of a ring", "--budget", "0"], "budget (--budget) must be an integer in 1..4096, got 0"),
     (["generate", "a photo of a ring", "--budget", "many"], "argument --budget: invalid int value: 'many'"),
     (["generate", "a photo of a ring", "--method", "beam"],
      "unknown method 'beam'; accepted: noise, zero-order, prompt, reflection"),

@@ -45,8 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_ERROR = 1000  # characters of an error line at most (a 10,000-character prompt is not echoed whole)
+
+
 def one_line(err: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    """An error as one line: lines joined, secrets scrubbed, long quoted text cut, at most MAX_ERROR."""
+    from .redact import scrub
+
+    return clip(scrub("; ".join(line.strip() for line in str(err).splitlines() if line.strip())))
+
+
+def clip(text: str, limit: int = MAX_ERROR) -> str:
+    """Any run of over 120 characters inside quotes cut to its start, then the whole to `limit`."""
+    import re
+
+    text = re.sub(r"(['\"])([^'\"]{120})[^'\"]{40,}\1", lambda m: f"{m.group(1)}{m.group(2)}...{m.group(1)}", text)
+    return text if len(text) <= limit else text[: limit - 30] + f"... ({len(text)} characters)"
 
 
 def main(argv: list[str] | None = None) -> int:

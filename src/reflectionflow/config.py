@@ -91,13 +91,10 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check every field on its own and against the others; return a copy with the split resolved."""
         _check_choice("method", self.method, METHODS)
-        _check_int("budget", self.budget, 1)
-        _check_int("seed", self.seed, 0)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("prompt_batch", self.prompt_batch, 1)
-        _check_int("workers", self.workers, 1)
-        if self.limit is not None:
-            _check_int("limit", self.limit, 1)
+        for name in ("budget", "seed", "batch_size", "prompt_batch", "workers", "chains", "depth", "pool", "limit"):
+            value = getattr(self, name)
+            if value is not None or name in ("budget", "seed", "batch_size", "prompt_batch", "workers"):
+                _check_int(name, value, *LIMITS[name])
         _check_choice("reallocate", self.reallocate, REALLOCATE)
         if not isinstance(self.options, dict) or not all(
             isinstance(v, dict) and k in COMPONENT_KINDS for k, v in self.options.items()
@@ -110,7 +107,7 @@ class RunConfig:
             raise ConfigError(f"backend_options must be a mapping of the backend's settings, "
                               f"got {self.backend_options!r}")
         if self.method == "zero-order":
-            _check_int("neighbors", self.neighbors, 1)
+            _check_int("neighbors", self.neighbors, *LIMITS["neighbors"])
             if not isinstance(self.threshold, (int, float)) or not 0.0 < float(self.threshold) < 1.0:
                 raise ConfigError(f"threshold must be a number in (0, 1) (cosine to the pivot noise), "
                                   f"got {self.threshold!r}")
@@ -137,9 +134,23 @@ def _without(settings: dict, dotted: frozenset[str], prefix: str = "") -> dict:
     return out
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+# (least, most) of each integer setting. The upper bounds are far above any sensible run (the paper's
+# largest budget is 32; a GenEval run has 553 prompts) and keep a typo from asking for memory
+# without end: the engine holds budget x prompt_batch candidates at once.
+LIMITS = {
+    "budget": (1, 4096), "chains": (1, 4096), "depth": (1, 4096), "pool": (0, 4096), "seed": (0, 2**63 - 1),
+    "batch_size": (1, 4096), "prompt_batch": (1, 4096), "workers": (1, 256), "limit": (1, 10**7),
+    "neighbors": (1, 1024),
+}
+
+
+def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> None:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+            maximum is not None and value > maximum):
+        accepted = f"an integer in {minimum}..{maximum}" if maximum is not None else f"an integer >= {minimum}"
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise ConfigError(f"{name} ({flag}) must be {accepted}, got {shown}")
 
 
 def _check_choice(name: str, value, accepted) -> None:

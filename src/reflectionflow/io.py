@@ -34,7 +34,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """JSON through atomic_write_bytes, every string scrubbed of secrets (reflectionflow.redact)."""
+    from .redact import scrub_obj
+
+    atomic_write_text(path, json.dumps(scrub_obj(obj), indent=2, sort_keys=False) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, rows: list, fsync: bool = False) -> None:
+    """Append JSON lines in one write, every string scrubbed of secrets (reflectionflow.redact)."""
+    from .redact import scrub_obj
+
+    if not rows:
+        return
+    data = "".join(json.dumps(scrub_obj(r)) + "\n" for r in rows).encode("utf-8")
+    with open(path, "ab") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -33,7 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import config_differences
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, png_bytes, prompt_dir, sample_name
+from .io import (
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable_dir,
+    png_bytes,
+    prompt_dir,
+    sample_name,
+)
 
 FORMAT = 1  # run folder layout version
 
@@ -104,6 +113,12 @@ class RunFolder:
         """
         if self.root.exists() and not self.root.is_dir():
             raise RunFolderError(f"--out {self.root}: exists and is not a folder")
+        if resume and not self.root.is_dir():
+            raise RunFolderError(f"--resume: {self.root}: no such run folder; drop --resume to start a new run there")
+        try:
+            check_writable_dir(self.root, "--out")
+        except ValueError as e:
+            raise RunFolderError(str(e)) from None
         old = self.read_config()
         if old is None:
             if self.prompt_indices():
@@ -146,21 +161,33 @@ class RunFolder:
             atomic_write_text(path, text)
 
     def load_trace(self, i: int) -> list[dict]:
-        """Complete records whose image is on disk; repairs the file after a kill (see module doc)."""
+        """Complete records whose image is on disk; repairs the file after a kill (see module doc).
+
+        What a kill leaves (a partial last line, lines whose image is missing or empty) is cut; a
+        complete line that is not a trace record was not written by a kill: RunFolderError naming
+        the file and line, and the file is left as it is."""
         path = self.trace_path(i)
         if not path.is_file():
             return []
         raw = path.read_bytes()
         records, good_bytes = [], 0
         pos = 0
-        for line in raw.splitlines(keepends=True):
+        lines = raw.splitlines(keepends=True)
+        for n, line in enumerate(lines, 1):
             pos += len(line)
             if not line.endswith(b"\n"):
                 break  # a partial last line: the kill came mid-append
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
-                break
+                problem = trace_record_problem(rec)
+            except (ValueError, RecursionError) as e:  # JSON or UTF-8
+                problem = f"not JSON ({str(e)[:80]})"
+            if problem:
+                if not any(rest.strip() for rest in lines[n:]) and not line.strip(b"\x00 \t\r\n"):
+                    break  # a torn tail of zeros (a power cut), the last thing in the file
+                raise RunFolderError(f"{path}: line {n} is not a trace record ({problem}); the file was not "
+                                     f"written by this tool as it is: restore it, or remove {self.prompt_dir(i)} "
+                                     "to redo that prompt")
             img = self.prompt_dir(i) / rec["file"]
             if not img.is_file() or img.stat().st_size == 0:
                 break  # killed between the trace lines and the images: redo from here
@@ -175,11 +202,7 @@ class RunFolder:
             return
         path = self.trace_path(i)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
-        with open(path, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(path, records, fsync=True)  # secrets scrubbed (an endpoint's error may echo its key)
 
     def image_path(self, i: int, file: str) -> Path:
         return self.prompt_dir(i) / file
@@ -201,6 +224,35 @@ class RunFolder:
         src = self.prompt_dir(i) / selected_file
         atomic_write_bytes(self.sample_path(i), src.read_bytes())
         atomic_write_json(self.done_path(i), done)
+
+
+# A trace record's fields that readers index, with the types they need (None allowed where noted).
+_TRACE_FIELDS = {"id": str, "order": int, "kind": str, "chain": int, "round": int, "seed": int, "prompt": str,
+                 "nfe": int, "file": str}
+_TRACE_OPTIONAL = {"score": (int, float), "parent": str, "reflection": str, "verdict_error": str, "yes": bool,
+                   "cost": dict, "errors": list, "verdict": dict}
+_TRACE_PRESENT = ("score", "parent", "reflection", "yes")  # may be null, but are there
+
+
+def trace_record_problem(rec) -> str | None:
+    """What makes a parsed trace line unusable, or None when it is a record readers can use."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not an object"
+    for key, typ in _TRACE_FIELDS.items():
+        if key not in rec:
+            return f"no {key!r}"
+        if not isinstance(rec[key], typ) or isinstance(rec[key], bool):
+            return f"{key!r} is not a {typ.__name__}"
+    for key, typ in _TRACE_OPTIONAL.items():
+        if key in _TRACE_PRESENT and key not in rec:
+            return f"no {key!r}"
+        v = rec.get(key)
+        if v is not None and (not isinstance(v, typ) or (typ is not bool and isinstance(v, bool))):
+            return f"{key!r} has the wrong type"
+    f = rec["file"]
+    if not f or f.startswith(("/", "\\")) or ".." in Path(f).parts:
+        return f"'file' {f[:80]!r} is not a path inside the prompt folder"
+    return None
 
 
 def write_replacing(path: Path, data: bytes) -> None:

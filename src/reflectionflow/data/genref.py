@@ -17,7 +17,6 @@ samples as an uninterrupted run. Damaged samples and shards are skipped and coun
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ MISSING_KEY = "missing_key"
 REPEATED_KEY = "repeated_key"
 UNKNOWN_SUBSET = "unknown_subset"
 UNDECODABLE_TEXT = "undecodable_text"
+EMPTY_TEXT = "empty_text"  # a prompt.txt with nothing in it: nothing to train or validate on
 UNDECODABLE_IMAGE = "undecodable_image"
 TRUNCATED_TAR = "truncated_tar"
 UNREADABLE_SHARD = "unreadable_shard"
@@ -116,6 +116,8 @@ def parse_record(raw: RawSample) -> GenRefRecord:
             text[name] = fields[name].decode("utf-8").strip()
         except UnicodeDecodeError as e:
             raise CorruptSample(UNDECODABLE_TEXT, f"{name}: {e}") from None
+    if not text["prompt.txt"]:
+        raise CorruptSample(EMPTY_TEXT, "prompt.txt is empty")
     subset = text["subset.txt"].lower()
     if subset not in SUBSETS:
         raise CorruptSample(UNKNOWN_SUBSET, f"{text['subset.txt']!r} (accepted: {', '.join(SUBSETS)})")
@@ -124,15 +126,14 @@ def parse_record(raw: RawSample) -> GenRefRecord:
 
 
 def decode_image(data: bytes, image: str = "numpy", name: str = "image"):
-    from PIL import Image
+    """io.decode_image (its byte and pixel caps) with the failure as one corrupt sample."""
+    from ..io import ImageError
+    from ..io import decode_image as _decode
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # open() is lazy: a truncated or garbled file only fails here
-            rgb = im.convert("RGB")
-    except Exception as e:  # any decoder failure on foreign bytes means one corrupt sample, not a crash
-        raise CorruptSample(UNDECODABLE_IMAGE, f"{name}: {type(e).__name__}: {e}") from None
-    return np.asarray(rgb) if image == "numpy" else rgb
+        return _decode(data, name, pil=image == "pil")
+    except ImageError as e:
+        raise CorruptSample(UNDECODABLE_IMAGE, str(e)) from None
 
 
 def decode_record(record: GenRefRecord, image: str = "numpy") -> GenRefSample:

@@ -68,7 +68,7 @@ class Candidate:
         return {
             "id": self.id, "order": self.order, "kind": self.kind, "chain": self.chain, "round": self.round,
             "parent": self.parent, "seed": self.seed, "prompt": self.prompt, "reflection": self.reflection,
-            "score": None if v.error else _round(v.score), "yes": v.yes, "verdict": _jsonable(v.details),
+            "score": None if v.error else _exact(v.score), "yes": v.yes, "verdict": _jsonable(v.details),
             "nfe": self.nfe, "cost": self.cost, "errors": self.errors or None,
             "verdict_error": v.error, "file": self.file,
         }
@@ -85,9 +85,11 @@ class Candidate:
         )
 
 
-def _round(x: float) -> float:
-    # Scores are stored to 6 decimals: enough to rank, and stable text across platforms.
-    return float(round(float(x), 6))
+def _exact(x: float) -> float:
+    # Scores are stored exactly (JSON writes a float's shortest repr, which reads back bit for bit):
+    # a resumed run ranks the candidates it reads from the trace exactly as the run that made them
+    # did, near-ties included.
+    return float(x)
 
 
 def _jsonable(obj):
@@ -96,7 +98,7 @@ def _jsonable(obj):
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
-        return _round(obj)
+        return _exact(obj)
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.bool_):

@@ -211,7 +211,20 @@ def cmd_generate(args) -> int:
               f"clipscore (or pickscore, fid, vlm-yesno, ...)")
     else:
         print(f"{wrote}; score it with: reflectionflow evaluate {out}")
+    verify = tot.get("by_stage", {}).get("verify", {})
+    if verify.get("items") and verify.get("failed", 0) >= verify["items"]:
+        # Every image is unjudged: the selection is each prompt's first image, not a choice.
+        print(f"reflectionflow: error: every verifier request failed ({verify['failed']} of {verify['items']}); "
+              f"the selections are unjudged (each prompt's first image); the trace's verdict_error says why",
+              file=sys.stderr)
+        return EXIT_NO_JUDGE
     return 0
+
+
+# A run that finished but whose every verifier request failed (an endpoint down or refusing the key
+# for the whole run): its folder is complete, but no selection was judged. 2 is bad input, 1 a
+# failed launch of several processes, 130 an interrupt.
+EXIT_NO_JUDGE = 3
 
 
 def free_text_prompts(out: Path, indices) -> int:

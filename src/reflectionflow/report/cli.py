@@ -41,8 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args) -> int:
+    from ..io import check_writable_dir
     from .compare import compare_runs, format_table, write_comparison
 
+    check_writable_dir(args.out, "--out")  # before any run is read: compare writes three files in a folder
     comparison = compare_runs(args.runs, metrics=args.metric, top=args.top, resamples=args.bootstrap, seed=args.seed)
     paths = write_comparison(comparison, Path(args.out))
     where = "; ".join(f"{r.name} = {r.root}" for r in comparison.runs if r.name != str(r.root))

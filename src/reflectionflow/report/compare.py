@@ -262,13 +262,15 @@ def _selected(it: PromptItem) -> Path | None:
 def _small(path: Path | None, size: int = 32) -> np.ndarray | None:
     from PIL import Image
 
+    from ..io import ImageError, load_image
+
     if path is None:
         return None
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float64)
-    except OSError:
+        im = load_image(path, pil=True)  # io.decode_image: its byte and pixel caps
+    except ImageError:
         return None
+    return np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.float64)
 
 
 def _pixel_spread(runs: list[Run], key: Key) -> float:
@@ -503,18 +505,19 @@ def _data_url(path: Path) -> tuple[str, bool]:
     """A thumbnail (largest side THUMB) as a data: URL; True when it is small enough to show pixelated."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        small = max(im.size) <= 128
-        if max(im.size) > THUMB:
-            im.thumbnail((THUMB, THUMB), Image.LANCZOS)
-        buf = io.BytesIO()
-        if small:
-            im.save(buf, format="PNG")
-            mime = "image/png"
-        else:
-            im.save(buf, format="JPEG", quality=88)
-            mime = "image/jpeg"
+    from ..io import load_image
+
+    im = load_image(path, pil=True)  # io.decode_image: its caps; an unreadable image is an error naming it
+    small = max(im.size) <= 128
+    if max(im.size) > THUMB:
+        im.thumbnail((THUMB, THUMB), Image.LANCZOS)
+    buf = io.BytesIO()
+    if small:
+        im.save(buf, format="PNG")
+        mime = "image/png"
+    else:
+        im.save(buf, format="JPEG", quality=88)
+        mime = "image/jpeg"
     return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii"), small
 
 

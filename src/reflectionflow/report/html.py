@@ -18,6 +18,7 @@ from pathlib import Path
 from ..engine.candidates import Candidate
 from ..engine.posthoc import CurvePoint, best_of_k
 from ..io import atomic_write_text
+from ..redact import scrub
 from ..runs import RunFolder
 
 OPEN_PROMPTS = 12  # prompts shown expanded
@@ -67,7 +68,7 @@ def write_report(root: str | Path, evaluate: bool = True) -> Path:
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>reflectionflow run {_e(folder.root.name)}</title><style>{CSS}</style></head>"
             "<body>\n" + "\n".join(body) + "\n</body></html>\n")
-    atomic_write_text(folder.report_path, page)
+    atomic_write_text(folder.report_path, scrub(page))  # no secret an endpoint echoed reaches the page
     return folder.report_path
 
 

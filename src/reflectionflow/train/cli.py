@@ -20,7 +20,7 @@ import importlib
 import importlib.util
 import json
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 TRAIN_COMMAND_MODULES: tuple[str, ...] = (
@@ -80,6 +80,8 @@ GENERATOR = [
     ("--tag-weights", "tag_weights", _mapping, "category weights of the data, e.g. position=0.3,counting=0.2"),
     ("--final-eval-prompts", "final_eval_prompts", int, "benchmark prompts scored at the end (default all 553)"),
     ("--eval-batch", "eval_batch", int, "batch when sampling for evaluation"),
+    ("--caption-mix", "caption_mix", _mapping, "training-caption shares (world.captions.CaptionMix), e.g. "
+     "template=0.3,combined=0.35,relation=0.35"),
 ]
 # The corrector trains through the shared corrector trainer, whose fields name validation settings val_*.
 CORRECTOR = [
@@ -146,6 +148,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_flags(g, GENERATOR)
     g.add_argument("--no-final-eval", dest="final_eval", action="store_false", default=None,
                    help="skip scoring GenEval-Shapes at the end")
+    g.add_argument("--template-captions", dest="template_captions", action="store_true",
+                   help="train on the template prompts only (the generator v1's data), no explicit captions")
+    g.add_argument("--snapshots", dest="snapshots", action="store_true", default=None,
+                   help="keep the EMA weights of every validation step in OUT/snapshots/step_N")
     g.set_defaults(func=cmd_world_generator)
     c = tsub.add_parser("world-corrector", help="the reflection-tuned LoRA on the trained generator",
                         description="OminiControl-style LoRA on the frozen generator, trained by the shared "
@@ -163,9 +169,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def build_config(cls, args, table) -> object:
     """The command's config: saved (on --resume), then --config, then the flags given; validated."""
+    from ..io import check_writable_dir
+    from .loop import check_device
+
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
+    if args.resume and not out.is_dir():
+        raise ValueError(f"--resume: --out {out}: no such run folder; drop --resume to start a new run there")
+    check_writable_dir(out, "--out")
     values: dict = {}
     saved = out / "train_config.json"
     if args.resume and saved.is_file():
@@ -181,14 +193,22 @@ def build_config(cls, args, table) -> object:
     for _, dest, _, _ in table:
         if getattr(args, dest, None) is not None:
             values[dest] = getattr(args, dest)
-    for dest in ("compile", "bf16", "final_eval"):
+    for dest in ("compile", "bf16", "final_eval", "snapshots"):
         if getattr(args, dest, None) is not None:
             values[dest] = getattr(args, dest)
+    if getattr(args, "template_captions", False):
+        values["caption_mix"] = None
+    elif "caption_mix" in values and values["caption_mix"] is not None and cls.__name__ == "WorldTrainConfig":
+        from ..world.captions import CaptionMix
+
+        values["caption_mix"] = {**asdict(CaptionMix()), **values["caption_mix"]}
     values.update(out_dir=str(out), resume=bool(args.resume), progress=not args.quiet)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config field(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
+    if isinstance(values.get("device"), str):
+        check_device(values["device"])
     cfg = cls(**values).validate()
     if (out / "checkpoint").exists() and not cfg.resume:
         raise ValueError(f"--out {out} already holds a checkpoint; add --resume to continue it or pick another --out")
@@ -235,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
-        print(f"reflectionflow train: error: {'; '.join(str(e).splitlines())}", file=sys.stderr)
+        from ..cli import one_line
+
+        print(f"reflectionflow train: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -35,7 +35,9 @@ Run folder:
     OUT/val/step_*.png            (condition | correction | target) rows (GenRef validation)
     OUT/checkpoint/               adapters.safetensors (fp32), ema.safetensors (fp32, with EMA),
                                   optimizer.pt, scheduler.pt, state.json (step, config),
-                                  rank_<r>.pt (RNG + source state)
+                                  rank_<r>.pt (RNG + source state); the .pt files hold tensors
+                                  and plain data only and load with weights_only=True (nothing
+                                  in a checkpoint can run code)
     OUT/<family.adapters_folder>/ the shippable adapters (the family's format: OUT/lora for FLUX,
                                   OUT/corrector for the world), with every checkpoint
     OUT/tensorboard/              when tensorboard is installed (else log.jsonl only)
@@ -60,6 +62,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..io import append_jsonl
 from .loop import StepBatches, ema_decay_at
 
 OPTIMIZERS = ("adamw", "prodigy")
@@ -278,6 +281,10 @@ class BatchSource(ABC):
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state between steps, got {sorted(state)}")
 
+    def skipped(self) -> dict | None:
+        """What the source skipped so far (unreadable samples and shards), or None when nothing."""
+        return None
+
 
 SourceFactory = Callable[[int, int], BatchSource]  # (rank, world size) -> this process's source
 
@@ -307,6 +314,30 @@ class GenRefBatches(BatchSource):
     def load_state_dict(self, state: dict) -> None:
         self.reader.load_state_dict(state)
 
+    def skipped(self) -> dict | None:
+        return skip_summary(self.reader.stats)
+
+
+def skip_summary(stats) -> dict | None:
+    """A GenRef ReadStats' skips as a log entry: counts by reason and the first few, each naming its
+    shard and sample; None when nothing was skipped."""
+    if not stats.corrupt:
+        return None
+    return {"samples": stats.corrupt_samples, "shards": stats.corrupt_shards, "by_reason": dict(stats.corrupt),
+            "first": [dict(item) for item in stats.corrupt_items[:3]]}
+
+
+def describe_skips(where: str, skipped: dict) -> str:
+    """One line: how many were skipped, by reason, and the first (shard, sample, why)."""
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped["by_reason"].items()))
+    line = f"{where}: skipped {skipped['samples']} unreadable sample(s) and {skipped['shards']} damaged shard(s) " \
+           f"({reasons})"
+    if skipped["first"]:
+        f = skipped["first"][0]
+        line += f"; first: shard {f['shard']}" + (f" sample {f['key']}" if f.get("key") else "") + \
+            f": {f['reason']}" + (f" ({f['detail'][:160]})" if f.get("detail") else "")
+    return line
+
 
 class Prepared(NamedTuple):
     """A batch as the loop takes it: what the family's `prepare` made of it, and what logging needs."""
@@ -323,8 +354,12 @@ class _PreparedSteps(StepBatches):
 
     def batch_at(self, step: int) -> Prepared:
         b = self.source.batch(step)
-        return Prepared(torch.tensor([self.index[x] for x in b.subsets], dtype=torch.long), list(b.keys),
-                        self.prepare(b))
+        try:
+            data = self.prepare(b)
+        except ValueError as e:  # name the samples: a bad one must be findable in the shards
+            shown = ", ".join(map(str, list(b.keys)[:4])) + (", ..." if len(b.keys) > 4 else "")
+            raise ValueError(f"step {step}, samples {shown}: {e}") from None
+        return Prepared(torch.tensor([self.index[x] for x in b.subsets], dtype=torch.long), list(b.keys), data)
 
 
 def prepared_batches(source: BatchSource, prepare: Callable[[CorrectorBatch], object], start_step: int,
@@ -447,7 +482,11 @@ def _weights_to_use(ema: AdapterEMA | None):
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain data (what torch.load(weights_only=True) reads back)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -455,10 +494,29 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_plain(path: Path) -> dict:
+    """A checkpoint's .pt file, read with weights_only=True: tensors and plain data, never code. A file
+    holding anything else (an older format, or a crafted file) is refused with one line naming it."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing; the checkpoint is incomplete (resume from a whole checkpoint or start "
+                         "a new --out)") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not loadable as tensors and plain data ({first}); it was written by an older "
+                         "version or not by this trainer, and is not unpickled (that could run code): start a new "
+                         "--out") from None
 
 
 def check_resumable(cfg: CorrectorTrainConfig) -> None:
@@ -547,9 +605,9 @@ class Checkpointer:
         restore("adapters.safetensors", self.family.trainable())
         if self.ema is not None:
             restore("ema.safetensors", self.ema.shadow)
-        self.opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=False))
-        self.sched.load_state_dict(torch.load(ck / "scheduler.pt", map_location="cpu", weights_only=False))
-        mine = torch.load(ck / f"rank_{self.acc.process_index}.pt", map_location="cpu", weights_only=False)
+        self.opt.load_state_dict(load_plain(ck / "optimizer.pt"))
+        self.sched.load_state_dict(load_plain(ck / "scheduler.pt"))
+        mine = load_plain(ck / f"rank_{self.acc.process_index}.pt")
         # "reader": checkpoints written before sources were pluggable (GenRef's reader state)
         self.source.load_state_dict(mine["source"] if "source" in mine else mine["reader"])
         _set_rng_state(mine["rng"])
@@ -583,8 +641,7 @@ class Trackers:
     def log(self, row: dict, file: str = "log.jsonl") -> None:
         if not self.is_main:
             return
-        with open(self.out / file, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(self.out / file, [row])  # secrets scrubbed
         scalars = {k: v for k, v in _flatten(row).items() if isinstance(v, (int, float)) and k != "step"}
         prefix = file.split(".")[0]
         if self.tb is not None:
@@ -655,10 +712,12 @@ class CorrectorValidation(Validator):
         from itertools import islice
 
         from ..components import build
-        from ..data.genref import iter_genref
+        from ..data.genref import ReadStats, iter_genref
 
         self.cfg = cfg
-        self.samples = list(islice(iter_genref(cfg.val_genref or cfg.genref), cfg.val_size))
+        self.read = ReadStats()
+        self.samples = list(islice(iter_genref(cfg.val_genref or cfg.genref, stats=self.read), cfg.val_size))
+        self.skipped = skip_summary(self.read)
         self.verifier_name = name = cfg.val_verifier or default_verifier
         self.verifier = build("verifier", name, **cfg.val_verifier_options) if self.samples and name else None
         self.reference: dict | None = None
@@ -709,6 +768,7 @@ class CorrectorTrainResult:
     minutes: float
     losses: list[float]  # the logged mean losses of this call, in order
     validation: dict | None  # the last validation row
+    skipped: dict | None = None  # what the data source skipped (GenRef: unreadable samples, damaged shards)
 
 
 def train_corrector(cfg: CorrectorTrainConfig, family_cls: type[CorrectorFamily], family_kwargs: dict | None = None,
@@ -774,6 +834,8 @@ def train_corrector(cfg: CorrectorTrainConfig, family_cls: type[CorrectorFamily]
             g["lr"] = base * lr_factor(cfg, step)
     for note in trackers.notes:
         acc.print(note)
+    if getattr(validator, "skipped", None):
+        acc.print(describe_skips("GenRef validation", validator.skipped))
     if acc.is_main_process:
         _trim_jsonl(out / "log.jsonl", step)
         _trim_jsonl(out / "val.jsonl", step)
@@ -850,6 +912,9 @@ def train_corrector(cfg: CorrectorTrainConfig, family_cls: type[CorrectorFamily]
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
             if cfg.log_keys:
                 row["keys"] = keys
+            skipped = batches.skipped()
+            if skipped:  # reported as it happens (and kept in the checkpoint's reader state)
+                row["skipped"] = skipped
             trackers.log(row)
             losses.append(mean_loss)
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['img_per_s']:.0f}")
@@ -877,4 +942,7 @@ def train_corrector(cfg: CorrectorTrainConfig, family_cls: type[CorrectorFamily]
     del stream  # DataLoader workers end here
     trackers.close()
     acc.end_training()
-    return CorrectorTrainResult(step=step, minutes=minutes(), losses=losses, validation=last_val)
+    skipped = batches.skipped()
+    if skipped:
+        acc.print(describe_skips(f"GenRef training data (process {acc.process_index})", skipped))
+    return CorrectorTrainResult(step=step, minutes=minutes(), losses=losses, validation=last_val, skipped=skipped)

@@ -135,7 +135,24 @@ class EMA:
         torch._foreach_lerp_(list(ema), [p.detach().float() for p in cur], 1 - d)
 
 
+DEVICES = "auto, cpu, cuda, cuda:N"
+
+
+def check_device(name: str, flag: str = "--device") -> None:
+    """ValueError (one line naming the flag and what is accepted) unless `name` is a device this
+    trainer can use on this machine."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", name):
+        raise ValueError(f"{flag} {str(name)[:40]!r}: not a device; accepted: {DEVICES}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {name}: no CUDA device on this machine; accepted here: auto, cpu")
+    if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def resolve_device(name: str) -> torch.device:
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

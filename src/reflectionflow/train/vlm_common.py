@@ -183,17 +183,16 @@ def read_jsonl(path: str | Path, check: Callable[[dict], str | None], flag: str)
 
 def load_image(item: dict, key: str) -> np.ndarray:
     """The image a JSONL line names (relative paths from the JSONL's folder), or Skip."""
-    from PIL import Image
+    from ..io import ImageError
+    from ..io import load_image as _load
 
     p = Path(item[key])
     p = p if p.is_absolute() else Path(item["_dir"]) / p
     if not p.is_file():
         raise Skip("missing_image")
     try:
-        with Image.open(p) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"))
-    except Exception:  # any decoder failure on a foreign file is one corrupt example
+        return _load(p)  # io.decode_image: its byte and pixel caps
+    except ImageError:  # any decoder failure on a foreign file is one corrupt example
         raise Skip("corrupt_image") from None
 
 
