@@ -100,6 +100,8 @@ def decode_image(data: bytes, name: str, *, size: int | None = None, pil: bool =
             rgb = rgb.resize((size, size), Image.BOX)
     except ImageError:
         raise
+    except Image.DecompressionBombError:  # PIL's own limit, far above ours, seen at open()
+        raise ImageError(f"{name}: over the cap of {max_pixels} pixels for one image") from None
     except Exception as e:  # any decoder failure on foreign bytes: one bad image, never a crash
         why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise ImageError(f"{name}: not a readable PNG, JPEG or WebP image ({why[:200]})") from None

@@ -489,6 +489,10 @@ class _Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (a bad request line, headers too long): JSON, like the rest."""
         self.close_connection = True
+        if self.server.expired(self.connection):  # the watchdog cut the request short: that is the error
+            code, message = 408, f"the request did not arrive within {self.server.request_timeout:g} s"
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.1"  # answer with a status line and headers: nobody speaks 0.9
         try:
             self._error(code, message or self.responses.get(code, ("error",))[0], close=True)
         except OSError:
