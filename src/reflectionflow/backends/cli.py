@@ -40,6 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=BatchOptions.max_wait_ms, metavar="MS",
                    help="after a batch's first request, wait up to MS milliseconds for more before calling the "
                         f"judge (default 0: take whatever is waiting when the judge is free; at most {MAX_WAIT_MS})")
+    p.add_argument("--workers", type=int, default=64, metavar="N",
+                   help="connections served at once (default 64); 64 more may wait, beyond that: 503 at once")
+    p.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds for a whole request (line, headers, body) to arrive (default 30)")
+    p.add_argument("--idle-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds any one read may wait, and a kept-alive connection may sit idle (default 10)")
     p.add_argument("--log", action="store_true", help="log every request to stderr")
     p.set_defaults(func=cmd_serve)
 
@@ -53,6 +59,11 @@ def cmd_serve(args) -> int:
         raise ServeError(f"--max-batch must be >= 1 (1: no batching), got {args.max_batch}")
     if not (math.isfinite(args.batch_wait_ms) and 0 <= args.batch_wait_ms <= MAX_WAIT_MS):
         raise ServeError(f"--batch-wait-ms must be in 0..{MAX_WAIT_MS} milliseconds, got {args.batch_wait_ms:g}")
+    if not 1 <= args.workers <= 4096:
+        raise ServeError(f"--workers must be in 1..4096, got {args.workers}")
+    for flag, v in (("--request-timeout", args.request_timeout), ("--idle-timeout", args.idle_timeout)):
+        if not (math.isfinite(v) and 0 < v <= 3600):
+            raise ServeError(f"{flag} must be a number of seconds in (0, 3600], got {v:g}")
     batch = BatchOptions(max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms)
     key = None
     if args.api_key_env:
@@ -62,7 +73,9 @@ def cmd_serve(args) -> int:
     judges = world_judges(args.verifier, args.reflector, args.refiner, no_refiner=args.no_refiner)
     try:
         server = JudgeServer(JudgeService(judges, model_name=args.model_name, batch=batch), host=args.host,
-                             port=args.port, api_key=key, log=args.log)
+                             port=args.port, api_key=key, log=args.log, workers=args.workers,
+                             backlog=args.workers, request_timeout=args.request_timeout,
+                             idle_timeout=args.idle_timeout)
     except OSError as e:
         raise ServeError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
