@@ -492,6 +492,8 @@ def _one_line(code, err, *words):
     (["generate", "a photo of a ring", "--out", "/sys/reflectionflow-ro"], ["--out /sys/reflectionflow-ro",
                                                                             "cannot write"]),
     (["generate", "a photo of a ring", "--resume", "--out", "{tmp}/missing"], ["--resume", "no such run folder"]),
+    (["sweep", "--prompts", "geneval-shapes", "--budget", "4", "--resume", "--out", "{tmp}/missing"],
+     ["--resume", "no such sweep folder"]),
     (["compare", "{tmp}/a", "{tmp}/b", "--out", "{tmp}/file.txt"], ["--out", "file.txt", "not a folder"]),
     (["train", "world-generator", "--out", "{tmp}/t", "--device", "tpu9"], ["--device 'tpu9'", "auto, cpu"]),
     (["train", "world-generator", "--out", "{tmp}/missing", "--resume"], ["--resume", "no such run folder"]),

@@ -90,10 +90,16 @@ def sweep(base: RunConfig, methods: list[str], verifiers: list[str], budget: int
     check_sweep(methods, verifiers, budget)
     out = Path(out)
     configs = {(m, v): run_config(base, m, v, budget) for m in methods for v in verifiers}
+    if resume and not out.is_dir():
+        from ..runs import RunFolderError
+
+        raise RunFolderError(f"--resume: {out}: no such sweep folder; drop --resume to start a new sweep there")
+    # A run the interrupted sweep had not reached yet has no folder: it starts fresh.
+    again = {(m, v): resume and (out / "runs" / run_name(m, v)).is_dir() for (m, v) in configs}
     # Check every run before the first one spends anything (a bad --chains for one method, a folder
     # from another sweep without --resume).
     for (m, v), cfg in configs.items():
-        prepare(cfg, out / "runs" / run_name(m, v), prompt, prompts, resume, secrets=secrets)
+        prepare(cfg, out / "runs" / run_name(m, v), prompt, prompts, again[m, v], secrets=secrets)
     built = _check_verifiers(base, verifiers)
     # Noise images do not depend on the verifier (seeds alone decide them): one noise run, made with
     # the first verifier, serves every verifier built here, each re-scoring its images (no image made
@@ -102,7 +108,7 @@ def sweep(base: RunConfig, methods: list[str], verifiers: list[str], budget: int
                 if m == "noise" and v != verifiers[0] and v in built}
     for (m, v), cfg in configs.items():
         if (m, v) not in rescored:
-            generate(cfg, out / "runs" / run_name(m, v), prompt=prompt, prompts=prompts, resume=resume,
+            generate(cfg, out / "runs" / run_name(m, v), prompt=prompt, prompts=prompts, resume=again[m, v],
                      progress=progress, report=False, secrets=secrets, dist=dist)
     result = None
     if dist.is_main:
