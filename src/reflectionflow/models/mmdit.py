@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..world.commands import VOCABULARY
+from .batching import per_sample
 from .text import TextEncoder, TextFeatures, Tokenizer
 
 COND_ATTENTION = ("full", "causal_kv")
@@ -418,6 +419,7 @@ class MMDiT(nn.Module):
         zero = torch.zeros(cond.shape[0], device=cond.device)
         return c, self.conditioning_vector(zero, feats.pooled)  # timestep-0 modulation
 
+    @per_sample
     def encode_condition(self, cond: torch.Tensor, text: torch.Tensor | TextFeatures) -> CondCache:
         """The condition tokens' keys/values in every block, once per (image, text) (causal_kv only)."""
         if self.config.cond_attention != "causal_kv":
@@ -434,6 +436,7 @@ class MMDiT(nn.Module):
 
     # -- the function ---------------------------------------------------------------------------
 
+    @per_sample  # on the CPU, sample by sample: an image must not depend on its batch (models/batching.py)
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor | TextFeatures,
                 cond: torch.Tensor | CondCache | None = None) -> torch.Tensor:
         c = self.config

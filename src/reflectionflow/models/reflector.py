@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..world.commands import OPS, VOCABULARY
+from .batching import per_sample, splits
 from .text import PAD_ID, TextEncoder, Tokenizer, _EncoderLayer
 
 FORMAT = "reflectionflow-world-reflector/1"
@@ -86,6 +87,7 @@ class WorldReflector(nn.Module):
         for p in (self.image_pos, self.text_encoder.pos, self.out_pos):
             nn.init.normal_(p, std=0.02)
 
+    @per_sample  # models/batching.py
     def encode(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(memory (B, N + L, W), its pad mask (B, N + L), True = ignore)."""
         B = images.shape[0]
@@ -97,6 +99,7 @@ class WorldReflector(nn.Module):
             h = layer(h, keep)
         return h, ~keep
 
+    @per_sample
     def decode(self, memory: torch.Tensor, pad: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
         """inp (B, T) output-token ids starting with BOS -> next-token logits (B, T, V)."""
         T = inp.shape[1]
@@ -118,9 +121,13 @@ class WorldReflector(nn.Module):
 
     @torch.no_grad()
     def reflect(self, images: torch.Tensor, prompts: list[str]) -> list[str]:
-        """Greedy decoding -> reflection texts."""
+        """Greedy decoding -> reflection texts. On the CPU each image is decoded on its own, so that
+        its text does not depend on its batch (models/batching.py)."""
         dev = next(self.parameters()).device
-        memory, pad = self.encode(images.to(dev), self.tokenizer(prompts).to(dev))
+        images = images.to(dev)
+        if splits(images):
+            return [text for i in range(len(prompts)) for text in self.reflect(images[i : i + 1], prompts[i : i + 1])]
+        memory, pad = self.encode(images, self.tokenizer(prompts).to(dev))
         B = len(prompts)
         seq = torch.full((B, 1), self.bos_id, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)

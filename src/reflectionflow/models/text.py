@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .batching import per_sample
+
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
 _WORD = re.compile(r"[a-z]+")
@@ -115,6 +117,7 @@ class TextEncoder(nn.Module):
         self.layers = nn.ModuleList([_EncoderLayer(width, heads) for _ in range(layers)])
         self.norm = nn.LayerNorm(width)
 
+    @per_sample  # a prompt's features do not depend on its batch (models/batching.py)
     def forward(self, ids: torch.Tensor) -> TextFeatures:
         B, L = ids.shape
         if L > self.max_len:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..world.commands import VOCABULARY
+from .batching import per_sample
 from .text import PAD_ID, TextEncoder, Tokenizer, _EncoderLayer
 
 FORMAT = "reflectionflow-world-verifier/1"
@@ -81,6 +82,7 @@ class WorldVerifier(nn.Module):
         nn.init.normal_(self.cls, std=0.02)
         nn.init.zeros_(self.head.weight)  # start at P(yes) = 0.5
 
+    @per_sample  # a score does not depend on what else is scored with it (models/batching.py)
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         B = images.shape[0]
         x = images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]

@@ -1,0 +1,73 @@
+"""Batch-invariant inference: on the CPU a model computes every sample of a batch on its own.
+
+A CPU GEMM (MKL, OpenBLAS, oneDNN, Arm's libraries) picks its blocking, its micro-kernel and how
+it splits the work among threads from the matrix shapes, and a linear layer over a (B, N, D)
+batch is one GEMM with B x N rows. So the rounding of one sample's row changes with B, and with
+MKL's AVX2 path (the one it takes on AMD processors) even with the row's position in the batch:
+the same request gave an image that differed by one level in a few pixels depending on what it
+was batched with. `per_sample` removes the cause instead of hiding it: where it applies, a call
+with B > 1 runs as B calls with B = 1, so each sample's every operation (GEMMs, attention,
+norms, vectorised loops and their tails) sees the same shapes, the same memory layout and the
+same position whatever the batch holds. On a given machine (processor, thread count, library
+build) an image then depends on its request only.
+
+It applies on the CPU without autograd (sampling, scoring). Elsewhere the batched call runs
+unchanged: training needs the batch's speed and its gradient is an average anyway, and a GPU runs
+a batch of hundreds in the time of a few samples (docs/backends.md, "Batch invariance").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+
+def splits(x: torch.Tensor) -> bool:
+    """Whether a call on batch `x` runs sample by sample: a CPU batch of more than one, no autograd."""
+    return x.device.type == "cpu" and x.ndim > 0 and x.shape[0] > 1 and not torch.is_grad_enabled()
+
+
+def take(obj, i: int, batch: int):
+    """Sample i of a batch-first structure (tensors, their lists/tuples and dataclasses), as fresh
+    contiguous memory; what is not batch-first (None, numbers, 0-d or other-sized tensors) passes."""
+    if isinstance(obj, torch.Tensor):
+        return obj[i : i + 1].clone() if obj.ndim > 0 and obj.shape[0] == batch else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(take(o, i, batch) for o in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: take(getattr(obj, f.name), i, batch)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
+def join(parts: list):
+    """The inverse of `take` over the samples' outputs: tensors concatenated along dim 0."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, (list, tuple)):
+        return type(first)(join([p[k] for p in parts]) for k in range(len(first)))
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return dataclasses.replace(first, **{f.name: join([getattr(p, f.name) for p in parts])
+                                             for f in dataclasses.fields(first) if f.init})
+    if first is None:
+        return None
+    raise TypeError(f"per_sample cannot join outputs of type {type(first).__name__}")
+
+
+def per_sample(method):
+    """Decorate a module method whose first argument is the batch (B, ...): where `splits` says so,
+    every batch-first argument is cut into samples, the method runs once per sample and the
+    outputs are joined, so that a sample's result does not depend on the rest of the batch."""
+
+    @functools.wraps(method)
+    def wrapper(self, x, *args, **kwargs):
+        if not splits(x):
+            return method(self, x, *args, **kwargs)
+        B = x.shape[0]
+        return join([method(self, take(x, i, B), *take(args, i, B), **{k: take(v, i, B) for k, v in kwargs.items()})
+                     for i in range(B)])
+
+    return wrapper

@@ -1,0 +1,185 @@
+"""A sample's result does not depend on what it is batched with (models/batching.py): the MMDiT's
+velocity, its text features and cached condition keys/values, the world generator's and
+correctors' images, the learned verifier's scores and the learned reflector's texts, for batches
+of 1, 2, 3 and 7 in shuffled orders, exactly. The same checks run again in a subprocess whose
+kernels are forced onto other paths (MKL's AVX2 code, the one it takes on AMD processors, and
+PyTorch's AVX2 kernels), where batched GEMMs used to round a sample differently with its batch."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+
+BATCHES = (1, 2, 3, 7)
+OTHER_KERNELS = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
+
+
+def _perturbed(model, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _mmdit(mode: str = "full", lora: bool = False):
+    from reflectionflow.models.lora import LoRAConfig, apply_lora
+    from reflectionflow.models.mmdit import SIZES, MMDiT
+
+    torch.manual_seed(0)
+    model = MMDiT(SIZES["tiny"](cond_attention=mode))
+    if lora:
+        apply_lora(model, LoRAConfig(rank=4))
+    return _perturbed(model, 0)
+
+
+def _orders(n: int, seed: int = 0):
+    """Batchings of range(n): every batch size of BATCHES over a shuffled order."""
+    rng = random.Random(seed)
+    for b in BATCHES:
+        order = list(range(n))
+        rng.shuffle(order)
+        yield b, order
+
+
+def _batched(fn, n: int, b: int, order: list[int]) -> list:
+    """fn(indices) -> per-index results, called on consecutive batches of `b` of `order`, by index."""
+    out: list = [None] * n
+    for s in range(0, n, b):
+        idx = order[s : s + b]
+        for i, r in zip(idx, fn(idx)):
+            out[i] = r
+    return out
+
+
+def _same(results: list[list], what: str) -> None:
+    first = results[0]
+    for k, other in enumerate(results[1:], 1):
+        for i, (a, b) in enumerate(zip(first, other)):
+            a, b = (np.asarray(a), np.asarray(b)) if not isinstance(a, str) else (a, b)
+            assert np.array_equal(a, b), f"{what}: sample {i} differs between batching 0 and {k}"
+
+
+def check_mmdit(n: int = 7) -> None:
+    g = torch.Generator().manual_seed(1)
+    x, cond = torch.randn(n, 3, 64, 64, generator=g), torch.randn(n, 3, 64, 64, generator=g)
+    t = torch.rand(n, generator=g)
+    for mode in ("full", "causal_kv"):
+        _check_mmdit_mode(mode, x, cond, t, n)
+
+
+def _check_mmdit_mode(mode: str, x, cond, t, n: int) -> None:
+    model = _mmdit(mode, lora=True)
+    words = ["a photo of a ring", "a photo of two red crosses", "", "a photo of a blue circle"]
+    ids = model.tokenizer([words[i % 4] for i in range(n)])
+
+    def velocity(idx):
+        feats = model.encode_text(ids[idx])
+        c = model.encode_condition(cond[idx], feats) if mode == "causal_kv" else cond[idx]
+        return list(model(x[idx], t[idx], feats, c).numpy())
+
+    def features(idx):
+        return list(model.encode_text(ids[idx]).tokens.numpy())
+
+    with torch.no_grad():
+        for fn, what in ((velocity, f"MMDiT velocity ({mode})"), (features, "text features")):
+            _same([_batched(fn, n, b, order) for b, order in _orders(n)], what)
+
+
+def _world_folders(root: Path) -> Path:
+    from reflectionflow.backends.world.mmdit import save_corrector
+    from reflectionflow.models.lora import LoRAConfig
+
+    _mmdit().save_pretrained(root / "gen")
+    for name, mode in (("corr", "full"), ("corr-kv", "causal_kv")):
+        model = _mmdit(mode, lora=True)  # a non-zero LoRA: the condition branch differs from the base
+        save_corrector(root / name, model, LoRAConfig(rank=4), root / "gen", {"step": 0})
+    return root
+
+
+def check_components(root: Path, n: int = 7, strengths=(1.0, 0.5)) -> None:
+    from reflectionflow.backends.world.mmdit import MMDiTCorrector, MMDiTGenerator
+    from reflectionflow.components import CorrectionRequest, GenerationRequest
+    from reflectionflow.world.render import render, sample_scene
+    from reflectionflow.world.spec import parse_prompt
+
+    prompts = ["a photo of a circle", "a photo of two rings", "a photo of a red square and a blue cross"]
+    gens = [GenerationRequest(prompts[i % 3], seed=10 + i) for i in range(n)]
+    imgs = {b: MMDiTGenerator(weights=str(root / "gen"), steps=2, batch_size=b, device="cpu") for b in BATCHES}
+    _same([_batched(lambda idx, g=imgs[b]: [r.image for r in g.generate([gens[i] for i in idx])], n, b, order)
+           for b, order in _orders(n)], "generator images")
+    scenes = [render(sample_scene(parse_prompt(prompts[i % 3]), random.Random(i))) for i in range(n)]
+    fixes = [CorrectionRequest(scenes[i], prompts[i % 3], "- Add one red circle.", seed=i) for i in range(n)]
+    for name in ("corr", "corr-kv"):
+        for strength in strengths:
+            cs = {b: MMDiTCorrector(weights=str(root / name), generator=str(root / "gen"), steps=2, batch_size=b,
+                                    device="cpu", strength=strength) for b in BATCHES}
+            _same([_batched(lambda idx, c=cs[b]: [r.image for r in c.correct([fixes[i] for i in idx])], n, b, order)
+                   for b, order in _orders(n)], f"corrector {name} images (strength {strength})")
+
+
+def check_judges(n: int = 7) -> None:
+    from reflectionflow.models.reflector import SIZES as REFLECTOR_SIZES
+    from reflectionflow.models.reflector import WorldReflector
+    from reflectionflow.models.verifier import SIZES as VERIFIER_SIZES
+    from reflectionflow.models.verifier import WorldVerifier
+
+    torch.manual_seed(0)
+    verifier = _perturbed(WorldVerifier(VERIFIER_SIZES["tiny"]()), 2)
+    reflector = _perturbed(WorldReflector(REFLECTOR_SIZES["tiny"](max_out_len=8)), 3)
+    g = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (n, 64, 64, 3), generator=g, dtype=torch.uint8)
+    prompts = [["a photo of a ring", "a photo of two red crosses", "a photo of a circle"][i % 3] for i in range(n)]
+    _same([_batched(lambda idx: list(verifier.p_yes(images[idx], [prompts[i] for i in idx]).numpy()), n, b, order)
+           for b, order in _orders(n)], "verifier P(yes)")
+    _same([_batched(lambda idx: reflector.reflect(images[idx], [prompts[i] for i in idx]), n, b, order)
+           for b, order in _orders(n)], "reflector texts")
+
+
+def test_mmdit_velocity_and_text_features_do_not_depend_on_the_batch():
+    check_mmdit()
+
+
+def test_world_images_do_not_depend_on_the_batch(tmp_path):
+    check_components(_world_folders(tmp_path), strengths=(1.0,))  # the subprocess adds 0.5
+
+
+def test_learned_judges_do_not_depend_on_the_batch():
+    check_judges()
+
+
+def test_batched_training_forward_is_unchanged():
+    """With autograd (training) the batch runs as one call, and agrees with the sample-by-sample
+    inference to rounding."""
+    model = _mmdit("full")
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(3, 3, 64, 64, generator=g), torch.rand(3, generator=g)
+    ids = model.tokenizer(["a photo of a ring"] * 3)
+    train = model(x, t, ids)
+    assert train.requires_grad
+    with torch.no_grad():
+        infer = model(x, t, ids)
+    torch.testing.assert_close(train.detach(), infer, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="forced kernels are set through the environment")
+def test_batch_invariance_holds_on_other_cpu_kernels(tmp_path):
+    env = {**os.environ, **OTHER_KERNELS, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "batch invariant" in proc.stdout
+
+
+if __name__ == "__main__":  # the subprocess of test_batch_invariance_holds_on_other_cpu_kernels
+    check_mmdit()
+    check_components(_world_folders(Path(sys.argv[1])))
+    check_judges()
+    print("batch invariant:", torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_ENABLE_INSTRUCTIONS"))
