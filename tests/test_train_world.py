@@ -1,6 +1,7 @@
 """Two-step smoke runs of the world generator's trainer: what it saves, and exact resume."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -19,6 +20,7 @@ from reflectionflow.train.world import (  # noqa: E402
     train_world_generator,
 )
 from reflectionflow.world import spec  # noqa: E402
+from reflectionflow.world.captions import CaptionMix  # noqa: E402
 from reflectionflow.world.commands import VOCABULARY  # noqa: E402
 
 
@@ -34,16 +36,26 @@ def test_batches_are_a_function_of_the_step_and_never_use_small_seeds(monkeypatc
     seen = []
     import reflectionflow.train.world as world
 
-    real = world.render_batch
-    monkeypatch.setattr(world, "render_batch", lambda metas, seeds: (seen.extend(seeds), real(metas, seeds))[1])
-    ds = WorldBatches(16, seed=5, start_step=0, tag_weights={"position": 1.0, "counting": 1.0}, tokenizer=tok)
+    class Recording(world.random.Random):  # every scene and caption draw is seeded through random.Random
+        def __init__(self, seed=None):
+            seen.append(seed)
+            super().__init__(seed)
+
+    monkeypatch.setattr(world.random, "Random", Recording)
+    ds = WorldBatches(16, seed=5, start_step=0, tag_weights={"position": 1.0, "counting": 1.0}, tokenizer=tok,
+                      caption_mix=asdict(CaptionMix()))
     a, b = ds.batch_at(7), ds.batch_at(7)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], ds.batch_at(8)[0])
     images, text, tags = a
     assert images.shape == (16, 64, 64, 3) and images.dtype == torch.uint8 and text.shape == (16, 32)
     assert set(tags.tolist()) <= {spec.TAGS.index("position"), spec.TAGS.index("counting")}
-    assert min(seen) >= TRAIN_SEED_FLOOR
+    assert seen and min(seen) >= TRAIN_SEED_FLOOR
+    # explicit captions beside the templates; without a caption mix, the templates alone
+    plain = WorldBatches(16, seed=5, start_step=0, tag_weights={"position": 1.0, "counting": 1.0}, tokenizer=tok)
+    assert torch.equal(plain.batch_at(7)[0], a[0]) and not torch.equal(plain.batch_at(7)[1], a[1])
+    texts = {tok.decode(row.tolist()) for row in a[1]}
+    assert any("on the" in t or "at the" in t or "in the" in t or "exactly" in t for t in texts), texts
 
 
 def test_lr_warms_up_then_decays():

@@ -144,7 +144,7 @@ def test_corrector_errors_name_the_path_and_the_command(folders, tmp_path):
 
 
 def test_corrector_text_keeps_the_prompt_and_the_first_commands():
-    tok = MMDiT(SIZES["small"]()).tokenizer  # reads 32 words
+    tok = MMDiT(SIZES["small"](max_text_len=32)).tokenizer  # reads 32 words, as the generator v1
     short = corrector_text("a photo of a ring", "- Add one ring.", tok)
     assert short == "a photo of a ring [Reflexion]: - Add one ring."
     refined = ("a photo of a red circle and a green square, exactly one red circle and exactly one green square, "

@@ -55,7 +55,7 @@ class MMDiTConfig:
     text_width: int = 128
     text_layers: int = 2
     text_heads: int = 2
-    max_text_len: int = 32
+    max_text_len: int = 80  # words; the generator v1 (weights/world-generator-v1) reads 32
     vocab: tuple[str, ...] = field(default_factory=lambda: tuple(VOCABULARY))
     cond_attention: str = "full"
     rope_theta: float = 10_000.0
@@ -99,11 +99,12 @@ class MMDiTConfig:
         return cls(**d).validate()
 
 
-# Model sizes (DiT style): the CLI offers the keys. tiny 75K parameters (tests); small 9.51M,
-# 19.0 MB in fp16 (the shipped world generator, under its 20 MB budget); base 41.5M, 83 MB.
+# Model sizes (DiT style): the CLI offers the keys. tiny 75K parameters (tests); compact 5.01M, 10 MB in
+# fp16; small 9.51M, 19.0 MB in fp16 (the generator v1); base 41.5M, 83 MB.
 SIZES = {
     "tiny": lambda **kw: MMDiTConfig(width=32, heads=2, double_blocks=1, single_blocks=1, text_width=16,
                                      text_layers=1, text_heads=1, max_text_len=24, **kw),
+    "compact": lambda **kw: MMDiTConfig(width=192, heads=3, double_blocks=2, single_blocks=3, **kw),
     "small": lambda **kw: MMDiTConfig(width=256, heads=4, double_blocks=2, single_blocks=4, **kw),
     "base": lambda **kw: MMDiTConfig(width=384, heads=6, double_blocks=4, single_blocks=8, text_width=256,
                                      text_heads=4, **kw),

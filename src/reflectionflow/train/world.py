@@ -2,7 +2,9 @@
 
 Data: every batch draws GenEval categories by `tag_weights`, a prompt uniformly from that
 category's whole prompt space (`spec._all_combinations`: 2,934 prompts over the six categories)
-and a scene seed, and renders the ground truth with `render_batch`. Scene seeds are drawn from
+and a scene seed, renders the ground truth, and captions it (`world.captions.scene_caption`:
+the template prompt, or an explicit description of the rendered scene, or both; `caption_mix`,
+None for template prompts only). Scene seeds are drawn from
 [2**40, 2**62): the benchmark, the validation set and the engine seed their images with small
 integers (prompt index, chain, round), so no training image is ever one of theirs.
 
@@ -13,8 +15,9 @@ and a resumed run sees exactly the batches the interrupted one would have.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +28,12 @@ from ..models.flow import RectifiedFlow
 from ..models.mmdit import SIZES, MMDiT, count_parameters
 from ..models.text import Tokenizer
 from ..world import spec
-from ..world.render import render_batch
+from ..world.captions import CaptionMix, scene_caption
+from ..world.render import render, sample_scene
 from .loop import Batch, StepBatches, TrainConfig, TrainResult, resolve_device, to_uint8, train_flow_model
 
 TRAIN_SEED_FLOOR = 2**40
+CAPTION_SALT = 0x9E3779B97F4A7C15  # a caption's draws: seeded by its scene's seed, apart from the scene's
 # Harder categories get more of the data; every category keeps a share (GenEval weighs them equally).
 DEFAULT_TAG_WEIGHTS = {"single_object": 0.10, "two_object": 0.15, "counting": 0.20, "colors": 0.10,
                        "position": 0.20, "color_attr": 0.25}
@@ -43,9 +48,22 @@ class WorldTrainConfig(TrainConfig):
     final_eval: bool = True  # score the EMA model on GenEval-Shapes (553 prompts, one sample each)
     final_eval_prompts: int | None = None  # fewer, spread over the categories (quick runs); None: all
     eval_batch: int = 256
+    # Training captions (world.captions.CaptionMix fields); None: the template prompts only.
+    caption_mix: dict | None = field(default_factory=lambda: asdict(CaptionMix()))
+    snapshots: bool = False  # keep the EMA weights of every validation step in OUT/snapshots/step_N
 
     def validate(self) -> WorldTrainConfig:
         super().validate()
+        if self.caption_mix is not None:
+            known = set(CaptionMix.__dataclass_fields__)
+            bad = sorted(set(self.caption_mix) - known)
+            if bad:
+                raise ValueError(f"caption_mix has unknown keys {bad}; accepted: {', '.join(sorted(known))}")
+            for k, v in self.caption_mix.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                    raise ValueError(f"caption_mix {k} must be a probability in [0, 1], got {v!r}")
+            if self.caption_mix.get("template", 0) + self.caption_mix.get("combined", 0) > 1.0:
+                raise ValueError("caption_mix template + combined must be <= 1")
         if self.model_size not in SIZES:
             raise ValueError(f"model_size {self.model_size!r}; accepted: {', '.join(SIZES)}")
         bad = sorted(set(self.tag_weights) - set(spec.TAGS))
@@ -60,9 +78,11 @@ class WorldBatches(StepBatches):
     """Endless batches (images, token ids, category ids) starting at `start_step`; worker w of n
     makes the batches of steps start+w, start+w+n, ... (the DataLoader yields them in order)."""
 
-    def __init__(self, batch_size: int, seed: int, start_step: int, tag_weights: dict, tokenizer: Tokenizer):
+    def __init__(self, batch_size: int, seed: int, start_step: int, tag_weights: dict, tokenizer: Tokenizer,
+                 caption_mix: dict | None = None):
         self.batch_size, self.seed, self.start_step = batch_size, seed, start_step
         self.tokenizer = tokenizer
+        self.mix = None if caption_mix is None else CaptionMix(**caption_mix)
         w = np.array([tag_weights.get(t, 0.0) for t in spec.TAGS], dtype=np.float64)
         self.p = w / w.sum()
         self.pools = [spec._all_combinations(t) for t in spec.TAGS]
@@ -72,14 +92,19 @@ class WorldBatches(StepBatches):
         tags = rng.choice(len(spec.TAGS), size=self.batch_size, p=self.p)
         metas = [self.pools[t][rng.integers(len(self.pools[t]))] for t in tags]
         seeds = rng.integers(TRAIN_SEED_FLOOR, 2**62, size=self.batch_size).tolist()
-        images = torch.from_numpy(render_batch(metas, seeds))  # (B, 64, 64, 3) uint8
-        text = self.tokenizer([m["prompt"] for m in metas])  # (B, L)
-        return images, text, torch.from_numpy(tags)
+        images = np.empty((self.batch_size, spec.IMAGE_SIZE, spec.IMAGE_SIZE, 3), dtype=np.uint8)
+        texts = []
+        for i, (m, s) in enumerate(zip(metas, seeds)):
+            scene = sample_scene(m, random.Random(s))
+            render(scene, out=images[i])
+            rng = random.Random(s ^ CAPTION_SALT)
+            texts.append(m["prompt"] if self.mix is None else scene_caption(m, scene, rng, self.mix))
+        return torch.from_numpy(images), self.tokenizer(texts), torch.from_numpy(tags)
 
 
 def world_batches(cfg: WorldTrainConfig, tokenizer: Tokenizer):
     def make(start_step: int) -> Iterator[Batch]:
-        ds = WorldBatches(cfg.batch_size, cfg.seed, start_step, cfg.tag_weights, tokenizer)
+        ds = WorldBatches(cfg.batch_size, cfg.seed, start_step, cfg.tag_weights, tokenizer, cfg.caption_mix)
         loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
                             pin_memory=resolve_device(cfg.device).type == "cuda",
                             prefetch_factor=4 if cfg.num_workers else None)
@@ -185,6 +210,8 @@ def train_world_generator(cfg: WorldTrainConfig) -> WorldTrainResult:
             return
         images, summary, _ = evaluate_generator(ema, val_metas, cfg.sample_steps, cfg.cfg_scale, cfg.eval_batch)
         save_grid(images[:96], out / "samples" / f"step_{step:06d}.png")
+        if cfg.snapshots:
+            ema.save_pretrained(out / "snapshots" / f"step_{step:06d}")
         log = out / "val.jsonl"
         rows = [ln for ln in log.read_text().splitlines() if json.loads(ln)["step"] < step] if log.exists() else []
         rows.append(json.dumps({"step": step, "scores": summary}))  # a resumed run rewrites its later lines

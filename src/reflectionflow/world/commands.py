@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .captions import CAPTION_WORDS
 from .spec import BASE_WORDS, CLASSES, COLOR_NAMES, NUMBERS, RELATIONS
 
 OPS = ("add", "remove", "change", "move", "replace", "keep")
@@ -29,7 +30,7 @@ REFINE_WORDS = ("exactly", "the", "is", "are", "with", "no", "other", "objects",
                 "grey", "background", "each", "one", "only", "shape", "shapes", "colored", "in", "on")
 COMMAND_WORDS = ("add", "remove", "change", "move", "replace", "keep", "image", "unchanged", "to",
                  "the", "with", "one", "two", "three", "four", "reflexion")
-VOCABULARY: tuple[str, ...] = tuple(sorted(BASE_WORDS | set(REFINE_WORDS) | set(COMMAND_WORDS)))
+VOCABULARY: tuple[str, ...] = tuple(sorted(BASE_WORDS | set(REFINE_WORDS) | set(COMMAND_WORDS) | set(CAPTION_WORDS)))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The world's trained models behind the engine's interfaces: the MMDiT generator and its corrector.
 
-`MMDiTGenerator` samples the trained generator (weights/world-generator): one batch per
+`MMDiTGenerator` samples a trained generator (weights/world-generator, the generator v2, by default;
+`world-mmdit-v1` names weights/world-generator-v1, the stronger generator v1): one batch per
 `batch_size` requests, each request's initial noise drawn from its seed (or taken from
 `request.noise`, which zero-order search perturbs), 20 Euler steps with CFG 3 by default.
 
@@ -53,7 +54,9 @@ if TYPE_CHECKING:
 
 # src/reflectionflow/backends/world/mmdit.py -> the repository root holds weights/.
 WEIGHTS_DIR = Path(__file__).resolve().parents[4] / "weights"
-DEFAULT_GENERATOR = WEIGHTS_DIR / "world-generator"
+DEFAULT_GENERATOR = WEIGHTS_DIR / "world-generator"  # v2: template prompts + explicit captions (compact)
+GENERATOR_V1 = WEIGHTS_DIR / "world-generator-v1"  # v1: template prompts only (small); the correctors' base
+SHIPPED_GENERATORS = (DEFAULT_GENERATOR, GENERATOR_V1)
 DEFAULT_CORRECTOR = WEIGHTS_DIR / "world-corrector"
 DEFAULT_CORRECTOR_KV = WEIGHTS_DIR / "world-corrector-kv"
 # Trained to start from the previous image half noised (train --partial-share 1 --partial-strengths 0.5):
@@ -62,7 +65,8 @@ DEFAULT_CORRECTOR_PARTIAL = WEIGHTS_DIR / "world-corrector-partial"
 DEFAULT_CORRECTOR_KV_PARTIAL = WEIGHTS_DIR / "world-corrector-kv-partial"
 CORRECTOR_FORMAT = "reflectionflow-world-corrector/1"
 REFLEXION = " [Reflexion]: "  # the original's separator between the prompt and the reflection
-TRAIN_GENERATOR_HINT = "the shipped ones are in weights/world-generator; train others with " \
+TRAIN_GENERATOR_HINT = "the shipped ones are in weights/world-generator and weights/world-generator-v1; train " \
+                       "others with " \
                        "`reflectionflow train world-generator --out RUN` (weights in RUN/ema)"
 TRAIN_CORRECTOR_HINT = "train them with `reflectionflow train world-corrector --out RUN` (weights in " \
                        "RUN/corrector); weights/MODEL_CARD.md has the exact commands of the shipped ones"
@@ -164,16 +168,27 @@ def read_corrector_config(folder: str | Path) -> dict:
     return config
 
 
+def trained_on(config: dict) -> Path:
+    """The shipped generator a corrector was trained on (its corrector.json's sha256), else the
+    default generator (whose hash check then names the mismatch)."""
+    want = config.get("generator", {}).get("sha256")
+    for folder in SHIPPED_GENERATORS:
+        path = folder / "model.safetensors"
+        if want and path.is_file() and file_sha256(path) == want:
+            return folder
+    return DEFAULT_GENERATOR
+
+
 def load_corrector(folder: str | Path, generator: str | Path | None = None,
                    device: str | torch.device = "cpu") -> tuple[MMDiT, dict]:
     """(generator + trained LoRA, corrector.json) from a corrector folder; `generator` defaults to
-    the shipped one and must be the generator the LoRA was trained on (same sha256)."""
+    the shipped generator the LoRA was trained on, and must be that generator (same sha256)."""
     from safetensors.torch import load_file
 
     from ...models.lora import LoRAConfig, apply_lora, lora_state_dict
 
     config = read_corrector_config(folder)
-    gen = Path(generator) if generator is not None else DEFAULT_GENERATOR
+    gen = Path(generator) if generator is not None else trained_on(config)
     model = load_generator(gen, config["cond_attention"])
     want = config["generator"]["sha256"]
     have = file_sha256(gen / "model.safetensors")
@@ -228,7 +243,7 @@ class GeneratorOptions(SamplerOptions):
 @dataclass
 class CorrectorOptions(SamplerOptions):
     weights: str = str(DEFAULT_CORRECTOR)  # a corrector folder (lora.safetensors + corrector.json)
-    generator: str | None = None  # the base generator folder; None: weights/world-generator
+    generator: str | None = None  # the base generator folder; None: the shipped one it was trained on
     batch_size: int = 128
     cache_cond: bool = True  # causal_kv: condition keys/values once per image, not once per step
     # < 1: start from the previous image partly noised, run that share of the steps. None: the
@@ -320,7 +335,7 @@ def _chunks(items: Sequence, n: int):
 
 
 class MMDiTGenerator(Generator):
-    """The trained world generator (weights/world-generator by default)."""
+    """A trained world generator (weights/world-generator, the generator v2, by default)."""
 
     who = "generator world-mmdit"
 
@@ -399,7 +414,18 @@ def _shipped_corrector(weights: Path):
     return factory
 
 
-register("generator", "world-mmdit", "the trained world MMDiT generator (weights/world-generator)")(MMDiTGenerator)
+register("generator", "world-mmdit", "the world generator v2: template prompts + explicit captions, a FLUX-like "
+         "profile (weights/world-generator)")(MMDiTGenerator)
+
+
+def _shipped_generator(weights: Path):
+    def factory(**options) -> MMDiTGenerator:
+        return MMDiTGenerator(**{"weights": str(weights), **options})
+    return factory
+
+
+register("generator", "world-mmdit-v1", "the stronger world generator v1: template prompts only, 0.90 on "
+         "GenEval-Shapes (weights/world-generator-v1)")(_shipped_generator(GENERATOR_V1))
 register("corrector", "world-mmdit",
          "the world generator + reflection LoRA, OminiControl layout (weights/world-corrector)")(MMDiTCorrector)
 register("corrector", "world-mmdit-kv",
