@@ -50,7 +50,7 @@ def correct(corrector, images, metas, reflections, seeds) -> tuple[np.ndarray, f
 
 
 def evaluate_corrector(path, args, metas, images, labels, first) -> dict:
-    corrector = MMDiTCorrector(weights=path, generator=args.generator, steps=args.steps, guidance=args.guidance,
+    corrector = MMDiTCorrector(weights=path, steps=args.steps, guidance=args.guidance,
                                batch_size=args.batch, device=args.device)
     fails = [i for i, lab in enumerate(labels) if not lab.correct]
     passes = [i for i, lab in enumerate(labels) if lab.correct][: args.keep_max]
@@ -90,7 +90,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--correctors", nargs="+", required=True,
                    help="corrector folders (lora.safetensors + corrector.json)")
-    p.add_argument("--generator", default=str(DEFAULT_GENERATOR))
+    p.add_argument("--generator", default=str(DEFAULT_GENERATOR),
+                   help="the generator whose samples are corrected (a corrector loads on the generator it was "
+                   "trained on)")
     p.add_argument("--prompts", default="geneval-shapes", help="GenEval JSONL or a named world prompt set")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--samples", type=int, default=8, help="generator samples per prompt")

@@ -87,7 +87,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--verifier", default=str(DEFAULT_VERIFIER), help="learned verifier folder")
     p.add_argument("--reflector", default=str(DEFAULT_REFLECTOR), help="learned reflector folder")
-    p.add_argument("--generator", default=str(DEFAULT_GENERATOR))
+    p.add_argument("--generator", default=str(DEFAULT_GENERATOR),
+                   help="the generator whose samples are corrected (a corrector loads on the generator it was "
+                   "trained on)")
     p.add_argument("--corrector", default="weights/world-corrector", help="trained corrector folder ('' to skip)")
     p.add_argument("--prompts", default="geneval-shapes", help="GenEval JSONL or a named world prompt set")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
@@ -155,7 +157,7 @@ def main(argv=None) -> dict:
     exact = EditCorrector(p_fail=0.0, p_new_flaw=0.0)
     res["reflector"]["fix_oracle_corrector"] = {"learned": fix_rate(exact, learned), "oracle": fix_rate(exact, oracle)}
     if args.corrector:
-        trained = MMDiTCorrector(weights=args.corrector, generator=args.generator, steps=args.steps,
+        trained = MMDiTCorrector(weights=args.corrector, steps=args.steps,
                                  batch_size=args.batch,
                                  device=args.device)
         res["reflector"]["fix_trained_corrector"] = {"learned": fix_rate(trained, learned),

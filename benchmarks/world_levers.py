@@ -81,7 +81,7 @@ def correct(corrector, images, metas, reflections, seeds) -> tuple[np.ndarray, f
 
 def run_config(cfg: dict, args, metas, images, labels) -> dict:
     """One corrector configuration: final correctness of every sample, fix / break rates, speed."""
-    corrector = MMDiTCorrector(weights=cfg["weights"], generator=args.generator, steps=args.steps,
+    corrector = MMDiTCorrector(weights=cfg["weights"], steps=args.steps,
                                guidance=cfg.get("guidance", args.guidance), batch_size=args.batch,
                                device=args.device, strength=cfg["strength"])
     if cfg.get("fp8"):
@@ -140,7 +140,9 @@ def bootstrap_diff(a: np.ndarray, b: np.ndarray, tags: np.ndarray, samples: int,
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: 4 prompts, 1 sample, 2 steps, 1 round")
-    p.add_argument("--generator", default=str(DEFAULT_GENERATOR))
+    p.add_argument("--generator", default=str(DEFAULT_GENERATOR),
+                   help="the generator whose samples are corrected (a corrector loads on the generator it was "
+                   "trained on)")
     p.add_argument("--full", default=str(DEFAULT_CORRECTOR), help="the exact corrector (full attention)")
     p.add_argument("--kv", default=str(DEFAULT_CORRECTOR_KV), help="the causal_kv corrector")
     p.add_argument("--partial", default=None, help="the full-attention corrector used for the strength < 1 rows "

@@ -163,7 +163,7 @@ def build_pool(cfg, dev: torch.device) -> dict:
     if cfg.corrector and fails:
         passes = [i for i, lab in enumerate(labs) if lab.correct][: len(fails)]
         todo = fails + passes
-        corrector = MMDiTCorrector(weights=cfg.corrector, generator=cfg.generator, device=str(dev))
+        corrector = MMDiTCorrector(weights=cfg.corrector, device=str(dev))  # on the generator it was trained on
         reqs = [CorrectionRequest(image=images[i], prompt=metas[i]["prompt"],
                                   reflection=KEEP if labs[i].correct else labs[i].reflection,
                                   seed=int(seeds[i]) + 1) for i in todo]

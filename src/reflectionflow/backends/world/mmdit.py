@@ -169,10 +169,12 @@ def read_corrector_config(folder: str | Path) -> dict:
 
 
 def trained_on(config: dict) -> Path:
-    """The shipped generator a corrector was trained on (its corrector.json's sha256), else the
-    default generator (whose hash check then names the mismatch)."""
+    """The generator a corrector was trained on: the folder its corrector.json names, or a shipped
+    generator, whichever has its sha256; else the default generator (whose hash check then names
+    the mismatch)."""
     want = config.get("generator", {}).get("sha256")
-    for folder in SHIPPED_GENERATORS:
+    recorded = config.get("generator", {}).get("path")
+    for folder in ([Path(recorded)] if recorded else []) + list(SHIPPED_GENERATORS):
         path = folder / "model.safetensors"
         if want and path.is_file() and file_sha256(path) == want:
             return folder
