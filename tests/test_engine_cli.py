@@ -162,3 +162,32 @@ def test_report_on_a_folder_that_is_not_a_run(rf, tmp_path, capsys):
     code, _, err = rf("report", tmp_path)
     err = err or capsys.readouterr().err
     assert code == 2 and "no config.json" in err
+
+
+def test_default_run_folders_never_collide(tmp_path, monkeypatch):
+    from reflectionflow.config import RunConfig
+    from reflectionflow.engine.cli import default_out
+
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig(method="noise", budget=2)
+    a, b = default_out(cfg, "a photo of a ring", False), default_out(cfg, "a photo of a circle", False)
+    assert a != b and a.startswith("runs/noise-b2-s0-")  # the name depends on the prompt
+    (tmp_path / a).mkdir(parents=True)
+    assert default_out(cfg, "a photo of a ring", False) == a + "-2"  # a second run of it gets its own folder
+    (tmp_path / (a + "-2")).mkdir()
+    assert default_out(cfg, "a photo of a ring", False) == a + "-3"
+    assert default_out(cfg, "a photo of a ring", True) == a  # --resume continues the plain name
+
+
+def test_limit_keeps_the_category_mix():
+    from reflectionflow.engine import PromptSpec, limit_specs
+    from reflectionflow.world.spec import sample_prompts
+
+    metas = sample_prompts(seed=1)  # category-ordered: 80 single objects first
+    specs = [PromptSpec(index=i, prompt=m["prompt"], metadata=m) for i, m in enumerate(metas)]
+    picked = limit_specs(specs, 12)
+    assert [s.index for s in picked] == sorted(s.index for s in picked)
+    tags = [s.metadata["tag"] for s in picked]
+    assert len(picked) == 12 and all(tags.count(t) == 2 for t in set(tags)) and len(set(tags)) == 6
+    plain = [PromptSpec(index=i, prompt=f"p{i}", metadata={}) for i in range(5)]
+    assert [s.index for s in limit_specs(plain, 3)] == [0, 1, 2]

@@ -68,7 +68,7 @@ class RunConfig:
     batch_size: int = 64  # requests per component call
     prompt_batch: int = 64  # prompts searched together (one wave); with reallocate=prompts, the share group
     workers: int = 1  # component calls in flight at once (API-backed components)
-    limit: int | None = None  # only the first N prompts
+    limit: int | None = None  # only N prompts, taken in turn from each category (engine.limit_specs)
     progress: bool = True
 
     # ------------------------------------------------------------------------------------------

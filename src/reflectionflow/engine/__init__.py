@@ -58,6 +58,22 @@ def resolve_prompt_list(config: RunConfig, prompt: str | None = None, prompts: s
     return backend.resolve_prompts(prompts)
 
 
+def limit_specs(specs: list[PromptSpec], n: int) -> list[PromptSpec]:
+    """n prompts that keep the category mix: taken in turn from each category (GenEval's `tag`, in
+    the order the file first names them), each in file order, and run in file order. A file without
+    tags gives its first n prompts."""
+    groups: dict = {}
+    for s in specs:
+        groups.setdefault((s.metadata or {}).get("tag"), []).append(s)
+    picked: list[PromptSpec] = []
+    queues = [list(g) for g in groups.values()]
+    while len(picked) < n and any(queues):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return sorted(picked, key=lambda s: s.index)
+
+
 @dataclass
 class Prepared:
     """A run that passed every check: what `generate` needs to build and search."""
@@ -79,7 +95,7 @@ def prepare(config: RunConfig, out: str | Path, prompt: str | None = None, promp
     metas = resolve_prompt_list(config, prompt, prompts)
     specs = [PromptSpec(index=i, prompt=m["prompt"], metadata=m) for i, m in enumerate(metas)]
     if config.limit is not None:
-        specs = specs[: config.limit]
+        specs = limit_specs(specs, config.limit)
     plan = None
     if check:
         config, plan = check_backend(config, secrets)

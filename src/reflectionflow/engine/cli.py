@@ -51,7 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "set: geneval-shapes, geneval-shapes-val; flux also geneval (GenEval's own 553 prompts). "
                    "world: free text must fit a Shapes-world template")
     g.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON of run settings; flags override it")
-    g.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<method>-b<budget>-s<seed>)")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="run folder (default runs/<method>-b<budget>-s<seed>-<prompt hash>, with -2, -3, ... "
+                   "when that exists)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out; regenerates nothing on disk")
     s = g.add_argument_group("search")
     s.add_argument("--method", default=None, help="noise | zero-order | prompt | reflection (default reflection)")
@@ -72,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--threshold", type=float, default=None, help="zero-order: cosine to the pivot (default 0.95)")
     add_component_arguments(g)
     x = g.add_argument_group("execution")
-    x.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
+    x.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="only N prompts, taken in turn from each category (the mix kept)")
     x.add_argument("--batch-size", type=int, default=None, help="requests per component call (default 64)")
     x.add_argument("--prompt-batch", type=int, default=None, help="prompts searched together (default 64)")
     x.add_argument("--workers", type=int, default=None, help="component calls in flight at once (default 1)")
@@ -167,12 +170,27 @@ def launched():
         yield dist
 
 
+def default_out(config, source: str, resume: bool) -> str:
+    """runs/<method>-b<budget>-s<seed>-<8 hex digits of the prompt or prompts file>. A new run never
+    lands in a folder that exists: it takes the first free -2, -3, ... (--resume takes the plain name)."""
+    import hashlib
+
+    digest = hashlib.blake2b(source.strip().encode(), digest_size=4).hexdigest()
+    base = f"runs/{config.method}-b{config.budget}-s{config.seed}-{digest}"
+    if resume or not os.path.exists(base):
+        return base
+    k = 2
+    while os.path.exists(f"{base}-{k}"):
+        k += 1
+    return f"{base}-{k}"
+
+
 def cmd_generate(args) -> int:
     from ..engine import generate
     from .distributed import DistributedError
 
     config, secrets = build_config(args)
-    out = args.out or f"runs/{config.method}-b{config.budget}-s{config.seed}"
+    out = args.out or default_out(config, args.prompt or args.prompts or "", args.resume)
     # One of several processes (accelerate launch / torchrun): the launcher's variables say which.
     try:
         # `generate` checks everything (config, prompts, the backend's folders and endpoint, the run

@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", action="store_true", help="continue the sweep in --out")
     add_component_arguments(g, verifier=False)
     x = g.add_argument_group("execution")
-    x.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
+    x.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="only N prompts, taken in turn from each category (the mix kept)")
     x.add_argument("--batch-size", type=int, default=None, help="requests per component call (default 64)")
     x.add_argument("--prompt-batch", type=int, default=None, help="prompts searched together (default 64)")
     x.add_argument("--workers", type=int, default=None, help="component calls in flight at once (default 1)")
