@@ -20,7 +20,7 @@ import importlib
 import importlib.util
 import json
 import sys
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 TRAIN_COMMAND_MODULES: tuple[str, ...] = (
@@ -198,10 +198,6 @@ def build_config(cls, args, table) -> object:
             values[dest] = getattr(args, dest)
     if getattr(args, "template_captions", False):
         values["caption_mix"] = None
-    elif "caption_mix" in values and values["caption_mix"] is not None and cls.__name__ == "WorldTrainConfig":
-        from ..world.captions import CaptionMix
-
-        values["caption_mix"] = {**asdict(CaptionMix()), **values["caption_mix"]}
     values.update(out_dir=str(out), resume=bool(args.resume), progress=not args.quiet)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)

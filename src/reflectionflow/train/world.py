@@ -48,7 +48,8 @@ class WorldTrainConfig(TrainConfig):
     final_eval: bool = True  # score the EMA model on GenEval-Shapes (553 prompts, one sample each)
     final_eval_prompts: int | None = None  # fewer, spread over the categories (quick runs); None: all
     eval_batch: int = 256
-    # Training captions (world.captions.CaptionMix fields); None: the template prompts only.
+    # Training captions (world.captions.CaptionMix fields; the ones not given keep their defaults);
+    # None: the template prompts only.
     caption_mix: dict | None = field(default_factory=lambda: asdict(CaptionMix()))
     snapshots: bool = False  # keep the EMA weights of every validation step in OUT/snapshots/step_N
 
@@ -62,7 +63,8 @@ class WorldTrainConfig(TrainConfig):
             for k, v in self.caption_mix.items():
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                     raise ValueError(f"caption_mix {k} must be a probability in [0, 1], got {v!r}")
-            if self.caption_mix.get("template", 0) + self.caption_mix.get("combined", 0) > 1.0:
+            self.caption_mix = {**asdict(CaptionMix()), **self.caption_mix}
+            if self.caption_mix["template"] + self.caption_mix["combined"] > 1.0:
                 raise ValueError("caption_mix template + combined must be <= 1")
         if self.model_size not in SIZES:
             raise ValueError(f"model_size {self.model_size!r}; accepted: {', '.join(SIZES)}")

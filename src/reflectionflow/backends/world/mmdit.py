@@ -26,6 +26,7 @@ commands start in well under a second); torch and the model load when a componen
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -108,6 +109,13 @@ def corrector_text(prompt: str, reflection: str, tokenizer: Tokenizer | None = N
 
 
 def file_sha256(path: str | Path) -> str:
+    """The file's sha256, computed once per (path, size, mtime): a corrector's load checks its base."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -409,10 +417,10 @@ class MMDiTCorrector(Corrector):
         return out
 
 
-def _shipped_corrector(weights: Path):
-    """The registry factory of a corrector shipped in weights/ (options may still name others)."""
-    def factory(**options) -> MMDiTCorrector:
-        return MMDiTCorrector(**{"weights": str(weights), **options})
+def _shipped(cls, weights: Path):
+    """The registry factory of a generator or corrector shipped in weights/ (options may still name others)."""
+    def factory(**options):
+        return cls(**{"weights": str(weights), **options})
     return factory
 
 
@@ -420,22 +428,16 @@ register("generator", "world-mmdit", "the world generator v2: template prompts +
          "profile (weights/world-generator)")(MMDiTGenerator)
 
 
-def _shipped_generator(weights: Path):
-    def factory(**options) -> MMDiTGenerator:
-        return MMDiTGenerator(**{"weights": str(weights), **options})
-    return factory
-
-
 register("generator", "world-mmdit-v1", "the stronger world generator v1: template prompts only, 0.90 on "
-         "GenEval-Shapes (weights/world-generator-v1)")(_shipped_generator(GENERATOR_V1))
+         "GenEval-Shapes (weights/world-generator-v1)")(_shipped(MMDiTGenerator, GENERATOR_V1))
 register("corrector", "world-mmdit",
          "the world generator + reflection LoRA, OminiControl layout (weights/world-corrector)")(MMDiTCorrector)
 register("corrector", "world-mmdit-kv",
          "the corrector whose condition tokens attend only to themselves, K/V cached "
-         "(weights/world-corrector-kv)")(_shipped_corrector(DEFAULT_CORRECTOR_KV))
+         "(weights/world-corrector-kv)")(_shipped(MMDiTCorrector, DEFAULT_CORRECTOR_KV))
 register("corrector", "world-mmdit-partial",
          "the corrector trained to start from the previous image half noised: half the steps "
-         "(weights/world-corrector-partial, strength 0.5)")(_shipped_corrector(DEFAULT_CORRECTOR_PARTIAL))
+         "(weights/world-corrector-partial, strength 0.5)")(_shipped(MMDiTCorrector, DEFAULT_CORRECTOR_PARTIAL))
 register("corrector", "world-mmdit-kv-partial",
          "cached condition K/V and a start from the previous image half noised: the fastest "
-         "(weights/world-corrector-kv-partial, strength 0.5)")(_shipped_corrector(DEFAULT_CORRECTOR_KV_PARTIAL))
+         "(weights/world-corrector-kv-partial, strength 0.5)")(_shipped(MMDiTCorrector, DEFAULT_CORRECTOR_KV_PARTIAL))
