@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ...components import ComponentError, Reflection, ReflectionRequest, Reflector, Verdict, Verifier, register
-from .mmdit import WEIGHTS_DIR, _options
+from ...shipped import WEIGHTS_DIR
+from .mmdit import _options
 
 DEFAULT_VERIFIER = WEIGHTS_DIR / "world-verifier"
 DEFAULT_REFLECTOR = WEIGHTS_DIR / "world-reflector"

@@ -45,6 +45,7 @@ from ...components import (
     Generator,
     register,
 )
+from ...shipped import WEIGHTS_DIR  # the package's weights/, found through importlib.resources
 
 if TYPE_CHECKING:
     import torch
@@ -53,8 +54,6 @@ if TYPE_CHECKING:
     from ...models.mmdit import MMDiT, MMDiTConfig
     from ...models.text import Tokenizer
 
-# src/reflectionflow/backends/world/mmdit.py -> the repository root holds weights/.
-WEIGHTS_DIR = Path(__file__).resolve().parents[4] / "weights"
 DEFAULT_GENERATOR = WEIGHTS_DIR / "world-generator"  # v2: template prompts + explicit captions (compact)
 GENERATOR_V1 = WEIGHTS_DIR / "world-generator-v1"  # v1: template prompts only (small); the correctors' base
 SHIPPED_GENERATORS = (DEFAULT_GENERATOR, GENERATOR_V1)
