@@ -33,6 +33,12 @@ def _clean_env() -> dict:
     return env
 
 
+def _installed_here() -> str | None:
+    proc = subprocess.run([sys.executable, "-m", "pip", "show", "reflectionflow"], capture_output=True, text=True,
+                          env=_clean_env(), timeout=120)
+    return proc.stdout if proc.returncode == 0 else None
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src")
@@ -67,11 +73,14 @@ def test_installed_wheel_runs_the_default_generate(wheel, tmp_path):
     venv.EnvBuilder(system_site_packages=True, with_pip=False, symlinks=True).create(env_dir)
     py = env_dir / "bin" / "python"
     env = _clean_env()
-    # pip of this interpreter installs into the venv (--prefix), so the venv needs no pip of its own.
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                           "--no-warn-script-location", "--prefix", str(env_dir), str(wheel)],
+    # This interpreter's pip runs inside the venv (--python), so the venv needs no pip of its own and
+    # the install can touch nothing outside it (--ignore-installed: nothing is uninstalled anywhere).
+    before = _installed_here()
+    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-index",
+                           "--no-deps", "--ignore-installed", "--no-warn-script-location", str(wheel)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _installed_here() == before  # this interpreter's own installation is untouched
     work = tmp_path / "work"  # not the checkout: nothing of the source tree on the path
     work.mkdir()
     where = subprocess.run([str(py), "-c", "import reflectionflow, reflectionflow.shipped as s; "
