@@ -12,7 +12,7 @@ report.html. `secrets` (the flux backend's API key) reach the backend's checks a
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,14 +39,19 @@ __all__ = [
 ]
 
 
-def resolve_prompt_list(config: RunConfig, prompt: str | None = None, prompts: str | None = None) -> list[dict]:
-    """GenEval lines for a single prompt string or a prompts file / named set (all of them: --limit
-    is applied later, so the run's identity does not depend on it)."""
+def resolve_prompt_list(config: RunConfig, prompt: str | Sequence[str] | None = None,
+                        prompts: str | None = None) -> list[dict]:
+    """GenEval lines for a prompt string, a list of them, or a prompts file / named set (all of them:
+    --limit is applied later, so the run's identity does not depend on it)."""
     backend = get_backend(config.backend)
     if (prompt is None) == (prompts is None):
         raise ConfigError("give either a PROMPT or --prompts FILE (.jsonl, .txt, .csv, .tsv), a folder of them, "
                           "or a named set (geneval-shapes, geneval-shapes-val)"
                           if prompt is None else "give either a PROMPT or --prompts, not both")
+    if isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise ConfigError("empty list of prompts")
+        return [line for p in prompt for line in resolve_prompt_list(config, prompt=p)]
     if prompt is not None:
         if backend.parse_prompt is not None:
             return [backend.parse_prompt(prompt)]
@@ -86,8 +91,9 @@ class Prepared:
     plan: object = None  # what the backend's checks found, for build_components
 
 
-def prepare(config: RunConfig, out: str | Path, prompt: str | None = None, prompts: str | None = None,
-            resume: bool = False, secrets: Mapping[str, str] | None = None, check: bool = True) -> Prepared:
+def prepare(config: RunConfig, out: str | Path, prompt: str | Sequence[str] | None = None,
+            prompts: str | None = None, resume: bool = False, secrets: Mapping[str, str] | None = None,
+            check: bool = True) -> Prepared:
     """Every check a run needs, in order, before any model loads: the config, the prompts, the
     backend's folders and endpoint (unless `check` is False: components built elsewhere), the
     output folder (its identity includes the backend's resolved settings)."""
@@ -103,8 +109,9 @@ def prepare(config: RunConfig, out: str | Path, prompt: str | None = None, promp
     return Prepared(config=config, prompts=metas, specs=specs, folder=folder, continuing=continuing, plan=plan)
 
 
-def generate(config: RunConfig, out: str | Path, prompt: str | None = None, prompts: str | None = None,
-             resume: bool = False, components: Components | None = None, progress: bool = False,
+def generate(config: RunConfig, out: str | Path, prompt: str | Sequence[str] | None = None,
+             prompts: str | None = None, resume: bool = False, components: Components | None = None,
+             progress: bool = False,
              report: bool = True, secrets: Mapping[str, str] | None = None,
              dist: DistContext | None = None) -> RunResult:
     """Check, build the components (unless given: the backend's own checks are then skipped), search
