@@ -17,7 +17,7 @@ from reflectionflow.engine.sweep import bootstrap, sweep
 from .test_engine_distributed import ThreadComm, _env, _free_port, _Hub
 from .test_engine_support import subset_file
 
-COLUMNS = ["Method", "Verifier", "Samples", "Overall", "Single", "Two", "Counting", "Colors", "Position",
+COLUMNS = ["Method", "Verifier", "Samples", "Prompts", "Overall", "Single", "Two", "Counting", "Colors", "Position",
            "Attr. binding"]
 
 
@@ -37,6 +37,8 @@ def test_table_has_the_papers_columns_and_the_curve_is_monotone_for_the_oracle(t
     table = (tmp_path / "s" / "sweep.md").read_text().splitlines()
     assert [c.strip() for c in table[0].strip("|").split("|")] == COLUMNS
     assert (tmp_path / "s" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    # One prompt per category: too few for an interval, and the table says so instead of printing one.
+    assert "(n=1, no interval)" in table[2] and "(n=6, no interval)" in table[2]
     points = _points(tmp_path / "s")
     assert sorted({k for _, _, k in points}) == [1, 2, 4]
     for method in ("noise", "reflection"):

@@ -37,7 +37,20 @@ def test_report_shows_every_candidate_as_a_tree_with_the_selection_marked(reflec
     assert page.count('class="node selected"') == 6
     assert "- Move the" in page or "- Add one" in page or "- Keep the image unchanged." in page
     assert "exact GenEval-Shapes evaluator" in page  # the oracle is named as such
-    assert "<svg" in page and "Best-of-k" in page
+    assert '<img class=chart src="data:image/png;base64,' in page and "Best-of-k" in page
+    # The exact evaluator's verdict on every candidate beside the verifier's score (world prompts).
+    cards = page.count('<figure class="node')
+    assert cards == 6 * 8
+    assert page.count("evaluator <span class=ok>correct</span>") + page.count("evaluator <span class=bad>wrong") \
+        == cards
+    assert page.count(">verifier ") >= cards
+    # Chains in order, and the method's notes in words, not JSON.
+    for section in page.split("<details class=prompt")[1:]:
+        labels = re.findall(r"<div class=label>chains? ([0-9, ]+) from", section)
+        firsts = [int(x.split(",")[0]) for x in labels]
+        assert firsts == sorted(firsts), labels
+        assert "<dt>chain 0</dt>" in section and section.index("<dt>chain 0</dt>") < section.index("<dt>chain 1</dt>")
+    assert "notes:" not in page and '{"' not in page
     assert "http://" not in page and "https://" not in page  # offline: nothing to fetch
 
 

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, RunConfig
+from ..plots import Series, curve_chart, format_estimate
 from ..runs import RunFolder
+from ..stats import MIN_N, RESAMPLES, interval, strata_of, stratified_bootstrap
 from .candidates import Candidate, best
 from .distributed import DistContext
 from .posthoc import _evaluator, _metadata, powers_up_to
 
-RESAMPLES = 1000
 COLUMNS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 HEADERS = ("Single", "Two", "Counting", "Colors", "Position", "Attr. binding")
 
@@ -45,6 +46,7 @@ class SweepPoint:
     overall_ci: tuple[float, float]
     categories: dict[str, float] = field(default_factory=dict)
     categories_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    categories_n: dict[str, int] = field(default_factory=dict)  # prompts behind each category's value
 
 
 def run_name(method: str, verifier: str) -> str:
@@ -190,21 +192,18 @@ def category_means(rows: list[tuple[str, bool]]) -> dict[str, float]:
 
 
 def bootstrap(rows: list[tuple[str, bool]], seed: int, resamples: int = RESAMPLES):
-    """(overall, its 95% interval, per-category {tag: (lo, hi)}). Resampled within each category so
-    every resample has the categories of the point estimate; an interval is widened to hold the
-    point estimate when a tiny, skewed sample's percentiles miss it."""
+    """(overall, its 95% interval, per-category {tag: (lo, hi)}): stats.stratified_bootstrap over the
+    prompts, resampled within each category so every resample has the categories of the point
+    estimate; an interval is widened to hold the point estimate when a tiny, skewed sample's
+    percentiles miss it."""
+    tags = [tag for tag, _ in rows]
+    strata = strata_of(tags)
+    values = np.array([float(ok) for _, ok in rows])
+    stat, per = stratified_bootstrap(values, strata, category_mean=True, resamples=resamples, seed=seed)
     cats = category_means(rows)
-    by = {t: np.array([ok for tag, ok in rows if tag == t], dtype=float) for t in cats}
-    rng = np.random.default_rng(seed)
-    draws = {t: rng.choice(v, size=(resamples, len(v)), replace=True).mean(axis=1) for t, v in by.items()}
     overall = float(np.mean(list(cats.values())))
-    total = np.mean(np.stack(list(draws.values())), axis=0)  # (resamples,)
-
-    def ci(x: np.ndarray, point: float) -> tuple[float, float]:
-        lo, hi = np.percentile(x, [2.5, 97.5])
-        return float(min(lo, point)), float(max(hi, point))
-
-    return overall, ci(total, overall), {t: ci(draws[t], cats[t]) for t in cats}
+    names = [tags[pos[0]] for pos in strata]
+    return overall, interval(stat[0], overall), {t: interval(d[0], cats[t]) for t, d in zip(names, per)}
 
 
 def curve(root: Path, method: str, verifier: str, budget: int, seed: int = 0, rescore=None) -> list[SweepPoint]:
@@ -212,8 +211,10 @@ def curve(root: Path, method: str, verifier: str, budget: int, seed: int = 0, re
     points = []
     for k, rows in pick_verdicts(root, ks, rescore).items():
         overall, oci, cci = bootstrap(rows, seed)
+        counts = {t: sum(tag == t for tag, _ in rows) for t in cci}
         points.append(SweepPoint(method=method, verifier=verifier, k=k, prompts=len(rows), overall=overall,
-                                 overall_ci=oci, categories=category_means(rows), categories_ci=cci))
+                                 overall_ci=oci, categories=category_means(rows), categories_ci=cci,
+                                 categories_n=counts))
     return points
 
 
@@ -223,59 +224,41 @@ def curve(root: Path, method: str, verifier: str, budget: int, seed: int = 0, re
 
 def format_markdown(points: list[SweepPoint]) -> str:
     """The paper's table: method, verifier, samples, overall and the six categories (95% intervals)."""
-    head = ["Method", "Verifier", "Samples", "Overall", *HEADERS]
+    head = ["Method", "Verifier", "Samples", "Prompts", "Overall", *HEADERS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
-        cells = [p.method, p.verifier, str(p.k), _pct(p.overall, p.overall_ci)]
-        cells += [_pct(p.categories[t], p.categories_ci[t]) if t in p.categories else "-" for t in COLUMNS]
+        cells = [p.method, p.verifier, str(p.k), str(p.prompts), _pct(p.overall, p.overall_ci, p.prompts)]
+        cells += [_pct(p.categories[t], p.categories_ci[t], p.categories_n.get(t)) if t in p.categories else "-"
+                  for t in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     note = ("\nAccuracy (%) of the exact GenEval-Shapes evaluator on the verifier's pick among each prompt's "
             "first k images of one budget-B run (best-of-k from the trace; for prompt and reflection only "
-            "k = B is that method at budget B). Brackets: bootstrap 95% interval over prompts.\n")
+            "k = B is that method at budget B). Brackets: bootstrap 95% interval over prompts; a value over "
+            f"fewer than {MIN_N} prompts has none (its n is shown instead).\n")
     return "\n".join(lines) + "\n" + note
 
 
-def _pct(x: float, ci: tuple[float, float]) -> str:
-    return f"{100 * x:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+def _pct(x: float, ci: tuple[float, float], n: int | None) -> str:
+    return format_estimate(x, ci, n, scale=100.0)
 
 
 def write_plot(points: list[SweepPoint], path: Path) -> Path:
-    """Overall accuracy vs samples (log2 axis), one line per (method, verifier), with interval bars.
-    PIL only: matplotlib is not a dependency."""
-    from PIL import Image, ImageDraw
-
-    W, H, L, R, T, B = 640, 400, 60, 170, 20, 40
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    ks = sorted({p.k for p in points}) or [1]
-    lk = [np.log2(k) for k in ks]
-    span = max(lk[-1] - lk[0], 1.0)
-
-    def xy(k: int, y: float) -> tuple[float, float]:
-        return (L + (np.log2(k) - lk[0]) / span * (W - L - R), T + (1 - y) * (H - T - B))
-
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for y in (0.0, 0.25, 0.5, 0.75, 1.0):
-        d.text((8, xy(ks[0], y)[1] - 5), f"{100 * y:.0f}%", fill="black")
-    for k in ks:
-        d.text((xy(k, 0)[0] - 4, H - B + 6), str(k), fill="black")
-    d.text(((W - R) / 2, H - 16), "samples", fill="black")
-    colors = ("#1f6feb", "#d1242f", "#1a7f37", "#8250df", "#bf8700", "#0a7d8c", "#cf222e", "#57606a")
+    """Overall accuracy vs samples (log2 axis), one series per (method, verifier), with interval bars
+    (plots.curve_chart: every series visible, a point over too few prompts flagged)."""
     series: dict[tuple[str, str], list[SweepPoint]] = {}
     for p in points:
         series.setdefault((p.method, p.verifier), []).append(p)
-    for n, ((m, v), ps) in enumerate(series.items()):
-        col = colors[n % len(colors)]
+    drawn = []
+    for (m, v), ps in series.items():
         ps = sorted(ps, key=lambda p: p.k)
-        d.line([xy(p.k, p.overall) for p in ps], fill=col, width=2)
-        for p in ps:
-            x, _ = xy(p.k, 0)
-            d.line([xy(p.k, p.overall_ci[0]), xy(p.k, p.overall_ci[1])], fill=col, width=1)
-            y = xy(p.k, p.overall)[1]
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
-        d.text((W - R + 10, T + 16 * n), f"{m} / {v}", fill=col)
-    im.save(path)
-    return path
+        drawn.append(Series(label=f"{m} / {v}", x=[p.k for p in ps], y=[p.overall for p in ps],
+                            intervals=[tuple(p.overall_ci) for p in ps], n=[p.prompts for p in ps]))
+    prompts = max((p.prompts for p in points), default=0)
+    png = curve_chart(drawn, xlabel="samples per prompt (k, log scale)",
+                      ylabel="GenEval-Shapes overall accuracy (%)", percent=True, ylim=(-2, 102),
+                      title=f"Best-of-k on {prompts} prompts, exact evaluator; bars: bootstrap 95% interval")
+    Path(path).write_bytes(png)
+    return Path(path)
 
 
 def write_sweep(out: Path, points: list[SweepPoint], configs: dict[str, dict]) -> dict:

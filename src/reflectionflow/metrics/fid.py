@@ -79,10 +79,9 @@ class FrechetToReference:
         """95 % percentile interval over resamples of x's rows (the reference held fixed)."""
         if resamples < 2 or len(x) < 2:
             return None
-        rng = np.random.default_rng(seed)
-        vals = [self(x[rng.integers(0, len(x), len(x))]) for _ in range(resamples)]
-        lo, hi = np.percentile(vals, [2.5, 97.5])
-        return float(lo), float(hi)
+        from ..stats import bootstrap_statistic, interval
+
+        return interval(bootstrap_statistic(lambda idx: self(x[idx]), len(x), resamples, seed))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ import numpy as np
 from ..io import atomic_write_json, atomic_write_text
 from ..metrics import evaluated_metrics, read_metric
 from ..metrics.base import MetricError, PromptItem, scan_run
+from ..plots import COLORS, data_url, forest_chart
+from ..stats import MIN_N, interval, point_estimate, strata_of
+from ..stats import stratified_bootstrap as paired_bootstrap  # runs resampled together: paired by prompt
 
 GENEVAL = "geneval-shapes"
 THUMB = 256  # largest side of an inlined image
@@ -153,40 +156,11 @@ def _prompt_values(run: Run, name: str, rows: list[dict]) -> tuple[dict[Key, flo
 
 
 def _strata(cats: list[str | None]) -> list[np.ndarray]:
-    """Positions of each category's prompts (one stratum when no prompt has a category)."""
-    if all(c is None for c in cats):
-        return [np.arange(len(cats))]
-    labels = ["" if c is None else c for c in cats]
-    return [np.flatnonzero(np.array(labels) == c) for c in sorted(set(labels))]
+    return strata_of(cats)
 
 
 def _percentile(x: np.ndarray) -> tuple[float, float]:
-    lo, hi = np.percentile(x, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def paired_bootstrap(values: np.ndarray, strata: list[np.ndarray], category_mean: bool, resamples: int,
-                     seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """values: (R, n), one row per run, columns paired by prompt. Returns the statistic for every
-    resample (R, B) and each stratum's mean per resample [(R, B)], the same prompts drawn for every
-    run. The statistic: the mean of the stratum means (GenEval overall) or the plain mean."""
-    rng = np.random.default_rng(seed)
-    per_stratum = []
-    for pos in strata:
-        draw = pos[rng.integers(0, len(pos), size=(resamples, len(pos)))]  # (B, n_c)
-        per_stratum.append(values[:, draw].mean(-1))  # (R, B, n_c) -> (R, B)
-    if category_mean:
-        stat = np.mean(per_stratum, axis=0)
-    else:
-        sizes = np.array([len(p) for p in strata], dtype=float)
-        stat = np.tensordot(sizes / sizes.sum(), np.stack(per_stratum), axes=1)  # stratum-weighted = plain mean
-    return stat, per_stratum
-
-
-def _point(values: np.ndarray, strata: list[np.ndarray], category_mean: bool) -> np.ndarray:
-    if category_mean:
-        return np.mean([values[:, pos].mean(-1) for pos in strata], axis=0)
-    return values.mean(-1)
+    return interval(x)
 
 
 def compare_metric(runs: list[Run], name: str, common: list[Key], resamples: int, seed: int) -> MetricComparison:
@@ -207,7 +181,7 @@ def compare_metric(runs: list[Run], name: str, common: list[Key], resamples: int
     cats = [per_run[0][1].get(k) for k in keys]
     strata = _strata(cats)
     category_mean = name == GENEVAL
-    point = _point(values, strata, category_mean)
+    point = point_estimate(values, strata, category_mean)
     stat, per_stratum = paired_bootstrap(values, strata, category_mean, resamples, seed)
     ests = [Estimate(float(point[r]), _percentile(stat[r])) for r in range(len(runs))]
     diffs = [None] + [Estimate(float(point[r] - point[0]), _percentile(stat[r] - stat[0]))
@@ -397,15 +371,25 @@ def _digits(m: MetricComparison) -> int | str:
     return 3 if max(vals) < 10 else 2
 
 
-def _est(e: Estimate | None, digits: int | str, sign: bool = False) -> str:
+def _est(e: Estimate | None, digits: int | str, sign: bool = False, n: int | None = None) -> str:
+    """'0.615 [0.520, 0.701]'; over fewer than MIN_N prompts the value and its n, no interval."""
     if e is None:
         return ""
+    if n is not None and n < MIN_N and e.value is not None:
+        return f"{_fmt(e.value, digits, sign)} (n={n}, no interval)"
     ci = f" [{_fmt(e.ci95[0], digits, sign)}, {_fmt(e.ci95[1], digits, sign)}]" if e.ci95 else ""
     return _fmt(e.value, digits, sign) + ci
 
 
-def _significant(e: Estimate | None) -> bool:
+def _significant(e: Estimate | None, n: int | None = None) -> bool:
+    if n is not None and n < MIN_N:
+        return False
     return e is not None and e.ci95 is not None and (e.ci95[0] > 0 or e.ci95[1] < 0)
+
+
+def _n(m: MetricComparison) -> int | None:
+    """The prompts behind a metric's intervals (None for a set-level metric: its interval is its own)."""
+    return m.prompts if m.kind == "prompt" else None
 
 
 def table_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
@@ -422,17 +406,21 @@ def table_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
         d = _digits(m)
         arrow = "higher is better" if m.higher_is_better else "lower is better"
         label = f"{m.name} ({arrow}; {m.prompts} prompts)"
-        cells = [_est(e, d) + (" !" if s else "") for e, s in zip(m.runs, m.same_as_run_verifier)]
-        diffs = [_est(e, d, sign=True) + (" *" if _significant(e) else "") for e in m.differences[1:]]
+        n = _n(m)
+        cells = [_est(e, d, n=n) + (" !" if s else "") for e, s in zip(m.runs, m.same_as_run_verifier)]
+        diffs = [_est(e, d, sign=True, n=n) + (" *" if _significant(e, n) else "") for e in m.differences[1:]]
         rows.append([label, *cells, *diffs])
         for cat, cc in m.categories.items():
-            rows.append([f"  {cat} ({cc['prompts']})", *[_est(e, d) for e in cc["runs"]],
-                         *[_est(e, d, sign=True) + (" *" if _significant(e) else "") for e in cc["differences"][1:]]])
+            k = cc["prompts"]
+            rows.append([f"  {cat} ({k})", *[_est(e, d, n=k) for e in cc["runs"]],
+                         *[_est(e, d, sign=True, n=k) + (" *" if _significant(e, k) else "")
+                           for e in cc["differences"][1:]]])
     return head, rows
 
 
 LEGEND = ("95 % bootstrap intervals over prompts; differences paired by prompt. * the interval of the difference "
-          "excludes 0. ! the metric is that run's own verifier (not independent).")
+          f"excludes 0. ! the metric is that run's own verifier (not independent). Over fewer than {MIN_N} prompts "
+          "no interval is given.")
 
 
 def format_table(c: Comparison) -> str:
@@ -492,9 +480,9 @@ figure{margin:0;width:200px;border:1px solid #e3e3e3;border-radius:6px;padding:4
 figure img{width:192px;height:192px;object-fit:contain;display:block;background:#999}
 figure img.px{image-rendering:pixelated}
 figcaption{font-size:12px} .vals{font:11px/1.3 ui-monospace,monospace;color:#444}
+img.chart{display:block;max-width:360px}
 """
 OWN = " <span class=own title=\"the run's own verifier: not independent\">!</span>"
-COLORS = ("#1f6feb", "#d1242f", "#1a7f37", "#8250df", "#bf8700", "#0a7d8c", "#cf222e", "#57606a")
 
 
 def _e(x) -> str:
@@ -521,35 +509,12 @@ def _data_url(path: Path) -> tuple[str, bool]:
     return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii"), small
 
 
-def _interval_svg(m: MetricComparison, names: list[str]) -> str:
-    """Each run's value and interval on one axis (a forest plot row per run)."""
-    pts = [(e.value, *(e.ci95 or (e.value, e.value))) for e in m.runs if e.value is not None]
-    if not pts:
+def _interval_chart(m: MetricComparison, names: list[str]) -> str:
+    """Each run's value and interval on one axis (plots.forest_chart), as an inline image."""
+    if not any(e.value is not None for e in m.runs):
         return ""
-    lo, hi = min(p[1] for p in pts), max(p[2] for p in pts)
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    pad = (hi - lo) * 0.05
-    lo, hi = lo - pad, hi + pad
-    w, row = 220, 14
-    x = lambda v: 6 + (w - 12) * (v - lo) / (hi - lo)  # noqa: E731
-    parts = []
-    for i, e in enumerate(m.runs):
-        if e.value is None:
-            continue
-        y = 8 + i * row
-        a, b = e.ci95 or (e.value, e.value)
-        col = COLORS[i % len(COLORS)]
-        parts.append(f"<line x1=\"{x(a):.1f}\" x2=\"{x(b):.1f}\" y1=\"{y}\" y2=\"{y}\" stroke=\"{col}\" "
-                     f"stroke-width=\"2\"/><circle cx=\"{x(e.value):.1f}\" cy=\"{y}\" r=\"3.5\" fill=\"{col}\">"
-                     f"<title>{_e(names[i])}: {_e(_est(e, _digits(m)))}</title></circle>")
-    h = 8 + len(m.runs) * row + 10
-    d = _digits(m)
-    axis = (f"<text x=\"6\" y=\"{h - 1}\" font-size=\"9\" fill=\"#777\">{_e(_fmt(lo, d))}</text>"
-            f"<text x=\"{w - 6}\" y=\"{h - 1}\" font-size=\"9\" fill=\"#777\" text-anchor=\"end\">"
-            f"{_e(_fmt(hi, d))}</text>")
-    return (f"<svg width=\"{w}\" height=\"{h}\" role=\"img\" aria-label=\"{_e(m.name)} by run\">"
-            + "".join(parts) + axis + "</svg>")
+    png = forest_chart(names, [e.value for e in m.runs], [e.ci95 for e in m.runs], xlabel=m.name, n=_n(m))
+    return f"<img class=chart src=\"{data_url(png)}\" alt=\"{_e(m.name)} by run, with 95 % intervals\">"
 
 
 def _wins(w: dict | None) -> str:
@@ -589,14 +554,18 @@ def _metrics_table(c: Comparison) -> str:
     for m in c.metrics:
         d = _digits(m)
         arrow = "&uarr;" if m.higher_is_better else "&darr;"
-        cells = "".join(f"<td>{_e(_est(e, d))}{OWN if s else ''}</td>" for e, s in zip(m.runs, m.same_as_run_verifier))
-        diffs = "".join(f"<td{' class=sig' if _significant(e) else ''}>{_e(_est(e, d, sign=True)) or '&ndash;'}"
-                        f"{_wins(w)}</td>" for e, w in zip(m.differences[1:], m.wins[1:]))
+        n = _n(m)
+        cells = "".join(f"<td>{_e(_est(e, d, n=n))}{OWN if s else ''}</td>"
+                        for e, s in zip(m.runs, m.same_as_run_verifier))
+        diffs = "".join(f"<td{' class=sig' if _significant(e, n) else ''}>"
+                        f"{_e(_est(e, d, sign=True, n=n)) or '&ndash;'}{_wins(w)}</td>"
+                        for e, w in zip(m.differences[1:], m.wins[1:]))
         rows.append(f"<tr><td class=l><b>{_e(m.name)}</b> {arrow}</td><td>{m.prompts}</td>{cells}{diffs}"
-                    f"<td>{_interval_svg(m, names)}</td></tr>")
+                    f"<td>{_interval_chart(m, names)}</td></tr>")
         for cat, cc in m.categories.items():
-            cells = "".join(f"<td>{_e(_est(e, d))}</td>" for e in cc["runs"])
-            diffs = "".join(f"<td{' class=sig' if _significant(e) else ''}>{_e(_est(e, d, sign=True))}</td>"
+            k = cc["prompts"]
+            cells = "".join(f"<td>{_e(_est(e, d, n=k))}</td>" for e in cc["runs"])
+            diffs = "".join(f"<td{' class=sig' if _significant(e, k) else ''}>{_e(_est(e, d, sign=True, n=k))}</td>"
                             for e in cc["differences"][1:])
             rows.append(f"<tr class=cat><td class=l>&nbsp;&nbsp;{_e(cat)}</td><td>{cc['prompts']}</td>{cells}{diffs}"
                         "<td></td></tr>")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from pathlib import Path
 
 from ..engine.candidates import Candidate
@@ -46,6 +45,9 @@ figure.selected{border-color:#18794e;box-shadow:0 0 0 2px #18794e55}
 .pr{font-size:11px;color:#555;margin-top:2px}
 .err{font-size:11px;color:#b42318}
 .label{font-size:12px;color:#555;margin:6px 0 0}
+img.chart{display:block;max-width:720px;margin:6px 0}
+.ev{font-size:11px} dl.notes{display:grid;grid-template-columns:max-content auto;gap:0 10px;font-size:12px;color:#555}
+dl.notes dt{font-weight:600} dl.notes dd{margin:0}
 """
 
 
@@ -64,7 +66,7 @@ def write_report(root: str | Path, evaluate: bool = True) -> Path:
     body.append("<h2>Prompts</h2>")
     counter = [0]
     for n, i in enumerate(folder.prompt_indices()):
-        body.append(_prompt_section(folder, i, open_=n < OPEN_PROMPTS, counter=counter))
+        body.append(_prompt_section(folder, i, open_=n < OPEN_PROMPTS, counter=counter, evaluate=evaluate))
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>reflectionflow run {_e(folder.root.name)}</title><style>{CSS}</style></head>"
             "<body>\n" + "\n".join(body) + "\n</body></html>\n")
@@ -170,51 +172,43 @@ def _curve_section(curve: list[CurvePoint]) -> str:
         return ""
     has_acc = any(p.accuracy is not None for p in curve)
     cats = list(curve[-1].categories) if has_acc else []
-    head = "<tr><th>k</th><th>mean verifier score</th><th>verifier yes</th>" + (
+    head = "<tr><th>k</th><th>prompts</th><th>mean verifier score</th><th>verifier yes</th>" + (
         "<th>accuracy</th>" + "".join(f"<th>{_e(c)}</th>" for c in cats) if has_acc else "") + "</tr>"
     rows = []
     for p in curve:
-        cells = [f"{p.k}", _f(p.mean_score), _f(p.yes_rate)]
+        cells = [f"{p.k}", f"{p.prompts}", _f(p.mean_score), _f(p.yes_rate)]
         if has_acc:
             cells += [_f(p.accuracy)] + [_f(p.categories.get(c)) for c in cats]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    what = "accuracy (exact evaluator)" if has_acc else "mean verifier score"
-    ys = [(p.k, p.accuracy if has_acc else p.mean_score) for p in curve]
     return ("<h2>Best-of-k from this run's trace</h2><p class=muted>Each prompt's verifier pick among its "
-            "first k images in generation order.</p>" + _svg(ys, what) + "<table>" + head + "".join(rows) + "</table>")
+            "first k images in generation order.</p>" + _curve_chart(curve, has_acc) + "<table>" + head
+            + "".join(rows) + "</table>")
+
+
+def _curve_chart(curve: list[CurvePoint], has_acc: bool) -> str:
+    """The curve as an inline image (plots.curve_chart): accuracy, mean score and yes rate against k."""
+    from ..plots import Series, curve_chart, data_url
+
+    ks, n = [p.k for p in curve], [p.prompts for p in curve]
+    series = []
+    if has_acc:
+        series.append(Series("accuracy (exact evaluator)", ks, [p.accuracy for p in curve], n=n))
+    series.append(Series("mean verifier score", ks, [p.mean_score for p in curve], n=n))
+    if any(p.yes_rate is not None for p in curve):
+        series.append(Series("verifier yes rate", ks, [p.yes_rate for p in curve], n=n))
+    scores = [p.mean_score for p in curve if p.mean_score is not None]
+    bounded = all(0.0 <= v <= 1.0 for v in scores)
+    png = curve_chart(series, xlabel="k: images per prompt, in generation order (log scale)",
+                      ylabel="share of prompts / score", ylim=(-0.03, 1.03) if bounded else None,
+                      size=(7.0, 3.6))
+    return f"<img class=chart src=\"{data_url(png)}\" alt=\"best-of-k curve\">"
 
 
 def _f(x) -> str:
     return "" if x is None else f"{x:.3f}"
 
 
-def _svg(points: list[tuple[int, float | None]], label: str) -> str:
-    pts = [(k, y) for k, y in points if y is not None]
-    if not pts:
-        return ""
-    w, h, pad = 420, 200, 36
-    kmax = max(k for k, _ in pts)
-    lx = max(math.log2(kmax), 1.0)
-
-    def xy(k, y):
-        return pad + (w - 2 * pad) * (math.log2(k) / lx), h - pad - (h - 2 * pad) * y
-
-    poly = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(k, v) for k, v in pts))
-    dots = "".join(f"<circle cx=\"{x:.1f}\" cy=\"{y:.1f}\" r=\"3\" fill=\"#18794e\">"
-                   f"<title>k={k}: {v:.3f}</title></circle>"
-                   f"<text x=\"{x:.1f}\" y=\"{h - pad + 14}\" font-size=\"10\" text-anchor=\"middle\">{k}</text>"
-                   for k, v in pts for x, y in [xy(k, v)])
-    grid = "".join(f"<line x1=\"{pad}\" x2=\"{w - pad}\" y1=\"{h - pad - (h - 2 * pad) * g:.1f}\" "
-                   f"y2=\"{h - pad - (h - 2 * pad) * g:.1f}\" stroke=\"#eee\"/><text x=\"{pad - 4}\" "
-                   f"y=\"{h - pad - (h - 2 * pad) * g + 3:.1f}\" font-size=\"10\" text-anchor=\"end\">{g:.2f}</text>"
-                   for g in (0.0, 0.25, 0.5, 0.75, 1.0))
-    return (f"<svg width=\"{w}\" height=\"{h}\" role=\"img\" "
-            f"aria-label=\"{_e(label)} versus k\">{grid}<polyline fill=\"none\" stroke=\"#18794e\" stroke-width=\"2\" "
-            f"points=\"{poly}\"/>{dots}<text x=\"{w / 2}\" y=\"{h - 4}\" font-size=\"11\" text-anchor=\"middle\">"
-            f"k (images, generation order) - {_e(label)}</text></svg>")
-
-
-def _prompt_section(folder: RunFolder, i: int, open_: bool, counter: list[int]) -> str:
+def _prompt_section(folder: RunFolder, i: int, open_: bool, counter: list[int], evaluate: bool = True) -> str:
     cands = [Candidate.from_record(r) for r in folder.load_trace(i)]
     done = folder.read_done(i)
     meta_path = folder.prompt_dir(i) / "metadata.jsonl"
@@ -241,20 +235,66 @@ def _prompt_section(folder: RunFolder, i: int, open_: bool, counter: list[int]) 
     leaves = [c for c in roots if c.id not in kids]
     trees = [c for c in roots if c.id in kids]
     parts = []
-    ctx = {"folder": f"{i:05d}", "kids": kids, "selected": selected, "original": original, "counter": counter}
+    ctx = {"folder": f"{i:05d}", "kids": kids, "selected": selected, "original": original, "counter": counter,
+           "judge": _judge(folder, i, meta) if evaluate else None}
     if leaves:
         label = "noise samples" if not trees else "initial pool (not continued)"
         parts.append(f"<div class=label>{label}</div><div class=grid>"
                      + "".join(_card(c, ctx) for c in leaves) + "</div>")
-    for c in trees:
-        chains = sorted({k.chain for k in kids[c.id] if k.kind in ("correct", "prompt")})
+    def chains_of(c: Candidate) -> list[int]:
+        return sorted({k.chain for k in kids[c.id] if k.kind in ("correct", "prompt")})
+
+    # Chains in their own order (chain 0 first), whatever pool image each continues.
+    for c in sorted(trees, key=lambda c: (min(chains_of(c), default=1 << 30), c.order)):
+        chains = chains_of(c)
         what = (f"chain{'s' if len(chains) > 1 else ''} {', '.join(map(str, chains))} from {c.id}"
                 if chains else f"search from {c.id}")
         parts.append(f"<div class=label>{_e(what)}</div>" + _row(c, ctx))
     if done and done.get("notes"):
-        parts.append(f"<div class=muted>notes: {_e(json.dumps(done['notes'], sort_keys=True)[:400])}</div>")
+        parts.append(_notes(done["notes"]))
     return (f"<details class=prompt id=\"prompt{i:05d}\"{' open' if open_ else ''}>{summary}{''.join(parts)}"
             "</details>")
+
+
+def _judge(folder: RunFolder, i: int, meta: dict):
+    """The exact evaluator's verdict on a candidate's image, for a Shapes-world prompt (else None)."""
+    from ..world.spec import is_world_metadata
+
+    if not is_world_metadata(meta):
+        return None
+    from ..io import load_png
+    from ..world.evaluate import evaluate_image
+
+    def judge(c: Candidate):
+        path = folder.prompt_dir(i) / c.file
+        if not path.is_file():
+            return None
+        return evaluate_image(load_png(path), meta)
+
+    return judge
+
+
+_NOTE_NAMES = {"rounds": "zero-order rounds", "base_noises": "fresh base noises", "pivot_moves": "pivot moves",
+               "granted": "images granted by other prompts", "unspent": "images left unspent",
+               "heads": "chains start from"}
+
+
+def _notes(notes: dict) -> str:
+    """What the method reported, in words: one line per chain (in order), then its counts."""
+    rows = []
+    for ch in sorted(notes.get("chains") or [], key=lambda ch: ch.get("chain", 0)):
+        members = ch.get("members") or []
+        stopped = f", stopped early at round {ch['stopped_at']}" if ch.get("stopped_at") is not None else ""
+        rows.append((f"chain {ch.get('chain')}", f"{len(members)} images ({' &rarr; '.join(map(_e, members))}), "
+                     f"best {_e(ch.get('best'))}{stopped}"))
+    for key, value in notes.items():
+        if key == "chains" or (key in ("granted", "unspent") and not value):
+            continue
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        rows.append((_e(_NOTE_NAMES.get(key, key.replace("_", " "))), _e(shown[:300])))
+    if not rows:
+        return ""
+    return "<dl class=notes>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>"
 
 
 def _row(c: Candidate, ctx: dict) -> str:
@@ -268,6 +308,16 @@ def _row(c: Candidate, ctx: dict) -> str:
     return f"<div class=row>{out}</div>"
 
 
+def _evaluator_line(c: Candidate, ctx: dict) -> str:
+    judge = ctx.get("judge")
+    verdict = judge(c) if judge is not None else None
+    if verdict is None:
+        return ""
+    why = _e(verdict.reason.replace("\n", "; ")) if verdict.reason else "every clause holds"
+    word = "<span class=ok>correct</span>" if verdict.correct else "<span class=bad>wrong</span>"
+    return f"<div class=ev title=\"exact GenEval-Shapes evaluator: {why}\">evaluator {word}</div>"
+
+
 def _card(c: Candidate, ctx: dict) -> str:
     ctx["counter"][0] += 1
     lazy = " loading=\"lazy\"" if ctx["counter"][0] > EAGER_IMAGES else ""
@@ -279,8 +329,9 @@ def _card(c: Candidate, ctx: dict) -> str:
     parts = [f"<figure class=\"node{' selected' if sel else ''}\" id=\"p{ctx['folder']}-{_e(c.id)}\">",
              f"<img src=\"{_e(src)}\" alt=\"{_e(c.id)}\" title=\"seed {c.seed}\"{lazy} "
              "onerror=\"console.error('report: missing image ' + this.getAttribute('src'))\">",
-             f"<figcaption><b>{_e(c.id)}</b> {_f(c.score) or 'error'}{yes}"
-             f"{' <span class=badge>selected</span>' if sel else ''}</figcaption>"]
+             f"<figcaption><b>{_e(c.id)}</b>{' <span class=badge>selected</span>' if sel else ''}"
+             f"<div title=\"the verifier's score\">verifier {_f(c.score) or 'error'}{yes}</div>"
+             f"{_evaluator_line(c, ctx)}</figcaption>"]
     if c.reflection:
         parts.append(f"<div class=refl>{_e(c.reflection)}</div>")
     if c.prompt != ctx["original"]:
