@@ -24,7 +24,7 @@ from .stats import MIN_N
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", "-.", ":")
-FEW = f"hollow markers: fewer than {MIN_N} prompts, too few for an interval"
+FEW_LABEL = f"fewer than {MIN_N} prompts:\nno interval"
 
 
 @dataclass
@@ -100,10 +100,14 @@ def curve_chart(series: Sequence[Series], *, xlabel: str, ylabel: str, title: st
     if title:
         ax.set_title(title, fontsize=11)
     ax.grid(True, color="#e5e5e5", linewidth=0.8, zorder=0)
-    if len(series) > 1:
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9, frameon=False)
-    if few:
-        fig.text(0.01, 0.005, FEW, fontsize=8, color="#555", ha="left", va="bottom")
+    handles, labels = ax.get_legend_handles_labels()
+    if few:  # the legend says what a hollow marker means
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], marker="o", color="#555", markerfacecolor="white", linestyle="none"))
+        labels.append(FEW_LABEL)
+    if len(handles) > 1:
+        ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9, frameon=False)
     return _png(fig)
 
 

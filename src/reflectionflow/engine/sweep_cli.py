@@ -88,11 +88,12 @@ def cmd_sweep(args) -> int:
         return 1
     if result is None:
         return 0  # rank 0 reports
+    from ..plots import format_estimate
+
     for p in result["points"]:
         if p["k"] == args.budget:
-            lo, hi = p["overall_ci"]
-            print(f"{p['method']:>10} / {p['verifier']}: {100 * p['overall']:.1f}% "
-                  f"[{100 * lo:.1f}, {100 * hi:.1f}] at {p['k']} samples ({p['prompts']} prompts)")
+            shown = format_estimate(p["overall"], p["overall_ci"], p["prompts"], scale=100.0)
+            print(f"{p['method']:>10} / {p['verifier']}: {shown} % at {p['k']} samples ({p['prompts']} prompts)")
     print(f"wrote {out}/sweep.json, sweep.md, sweep.png")
     return 0
 
