@@ -170,7 +170,7 @@ class ReflectionFlowPipeline:
 
         `pretrained`: a backend name (`world`, `flux`) or a world generator folder (model.safetensors
         + config.json, as `reflectionflow train world-generator` writes). Each component is a registry
-        name (`reflectionflow components` lists them) or, on the world backend, a weights folder for
+        name (`reflectionflow generate --help` lists them) or, on the world backend, a weights folder for
         that kind's default component. `options`: per kind, the component's own settings (e.g.
         {"generator": {"steps": 10, "device": "cpu"}}). `backend_options` and `api_key`: the flux
         backend's shared settings (docs/backends.md) and the VLM endpoint's key.

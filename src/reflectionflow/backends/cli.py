@@ -13,6 +13,7 @@ import math
 import os
 import sys
 
+from ..flags import names
 from ..serve.server import MAX_WAIT_MS, BatchOptions
 
 
@@ -27,9 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
-    p.add_argument("--verifier", help="verifier registry name (default: the world backend's)")
-    p.add_argument("--reflector", help="reflector registry name (default: the world backend's)")
-    p.add_argument("--refiner", help="refiner registry name (default: the world backend's)")
+    for kind in ("verifier", "reflector", "refiner"):
+        p.add_argument(f"--{kind}", metavar="NAME", help=f"{kind}: {names(kind)} (default: the world backend's)")
     p.add_argument("--no-refiner", action="store_true", help="answer refine requests with the current prompt")
     p.add_argument("--model-name", default="reflectionflow-world", help="the model id clients name (--vlm-model)")
     p.add_argument("--api-key-env", metavar="VAR",

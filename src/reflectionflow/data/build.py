@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..flags import add_batch_size
+
 SOURCES = ("rule", "reward", "length", "editing")
 SUBSET_OF = {"rule": "rule", "reward": "general", "length": "length", "editing": "editing"}
 # GenRef's own proportions: 185K rule, 143K reward, 96K long/short, 619K editing.
@@ -550,7 +552,7 @@ def register(gsub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-generator", action="store_true",
                    help="world: the renderer-backed stand-in with planted flaws instead of the trained generator")
     w = p.add_argument_group("world backend")
-    w.add_argument("--batch-size", type=int, default=None, help="generator batch (default 256)")
+    add_batch_size(w, None, "images per generator call", shown=256)
     w.add_argument("--workers", type=int, default=None, help="processes judging images (default 1)")
     c = p.add_argument_group("flux backend: components and prompts")
     for kind, what in (("verifier", "vlm-yesno, local-yesno, vlm-score or clip (default vlm-yesno)"),

@@ -8,6 +8,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..flags import add_batch_size, add_config
+
 GENERATE_HELP = """\
 Spend a budget of images per prompt along the noise, prompt or reflection axis and write a
 GenEval-layout run folder (OUT/<NNNNN>/samples/0000.png is the verifier's pick) with every
@@ -33,7 +35,8 @@ on every run and every --resume; it is never written anywhere. Folders, LoRA key
 and its key are all checked before any weights load. See docs/backends.md.
 
 Several processes, GPUs or nodes: start the same command under `accelerate launch --multi_gpu
---num_processes N -m reflectionflow generate ...` (or torchrun). The processes share the prompts
+--num_processes N -m reflectionflow generate ...` (accelerate comes with the [flux] extra) or
+torchrun (with torch). The processes share the prompts
 and one run folder; rank 0 writes the ledger and report.html for the whole run; --resume works
 with any number of processes. See docs/scale-out.md.
 """
@@ -50,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "and an optional category column (DrawBench, PartiPrompts), a folder of such files, or a named "
                    "set: geneval-shapes, geneval-shapes-val; flux also geneval (GenEval's own 553 prompts). "
                    "world: free text must fit a Shapes-world template")
-    g.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON of run settings; flags override it")
+    add_config(g)
     g.add_argument("--out", default=None, metavar="DIR",
                    help="run folder (default runs/<method>-b<budget>-s<seed>-<prompt hash>, with -2, -3, ... "
                    "when that exists)")
@@ -76,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     x = g.add_argument_group("execution")
     x.add_argument("--limit", type=int, default=None, metavar="N",
                    help="only N prompts, taken in turn from each category (the mix kept)")
-    x.add_argument("--batch-size", type=int, default=None, help="requests per component call (default 64)")
+    add_batch_size(x, None, shown=64)
     x.add_argument("--prompt-batch", type=int, default=None, help="prompts searched together (default 64)")
     x.add_argument("--workers", type=int, default=None, help="component calls in flight at once (default 1)")
     x.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -94,13 +97,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_component_arguments(g: argparse.ArgumentParser, verifier: bool = True) -> None:
     """--backend, the components by name and every backend's own flags (`generate`, `sweep`)."""
+    from ..flags import names
     c = g.add_argument_group("components")
     from .backends import BACKENDS
 
     c.add_argument("--backend", default=None, help=f"{' | '.join(BACKENDS)} (default world)")
+    defaults = {name: backend.defaults() for name, backend in BACKENDS.items()}
     for kind in ("generator", "verifier", "reflector", "refiner", "corrector"):
         if kind != "verifier" or verifier:
-            c.add_argument(f"--{kind}", default=None, metavar="NAME", help=f"{kind} by registry name (backend default)")
+            default = "; ".join(f"{d[kind]} on {b}" for b, d in defaults.items() if d.get(kind))
+            c.add_argument(f"--{kind}", default=None, metavar="NAME",
+                           help=f"{kind}: {names(kind)} (default {default})")
     owned: dict[str, list[tuple[str, str]]] = {}  # backend -> its flags' (dest, option string)
     for backend in BACKENDS.values():
         if backend.add_arguments is not None:

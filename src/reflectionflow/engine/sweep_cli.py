@@ -6,6 +6,7 @@ import argparse
 import sys
 from dataclasses import replace
 
+from ..flags import add_batch_size, add_config
 from .cli import _one_line_errors, add_component_arguments, build_config, launched
 
 SWEEP_HELP = """\
@@ -44,14 +45,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--depth", type=int, default=None, help="prompt / reflection: rounds per chain M")
     g.add_argument("--pool", type=int, default=None, help="reflection: initial noise pool P")
     g.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
-    g.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON of run settings; flags override it")
+    add_config(g)
     g.add_argument("--out", default=None, metavar="DIR", help="sweep folder (default runs/sweep-b<budget>-s<seed>)")
     g.add_argument("--resume", action="store_true", help="continue the sweep in --out")
     add_component_arguments(g, verifier=False)
     x = g.add_argument_group("execution")
     x.add_argument("--limit", type=int, default=None, metavar="N",
                    help="only N prompts, taken in turn from each category (the mix kept)")
-    x.add_argument("--batch-size", type=int, default=None, help="requests per component call (default 64)")
+    add_batch_size(x, None, shown=64)
     x.add_argument("--prompt-batch", type=int, default=None, help="prompts searched together (default 64)")
     x.add_argument("--workers", type=int, default=None, help="component calls in flight at once (default 1)")
     x.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -18,6 +18,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..stats import RESAMPLES
+
 
 class MetricError(ValueError):
     """A metric name, option or folder that cannot be scored; the message says what is accepted."""
@@ -38,7 +40,7 @@ class MetricOptions:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 16
-    bootstrap: int = 200  # fid: resamples of the run's images for the 95 % interval
+    bootstrap: int = RESAMPLES  # fid: resamples of the run's images for the 95 % interval
     seed: int = 0
 
 

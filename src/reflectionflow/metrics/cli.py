@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..flags import DTYPES, add_batch_size, add_bootstrap, add_device, add_dtype
 from .base import MetricError, MetricOptions
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 METRIC_HELP = """\
 metrics (--metric NAME, repeatable; default geneval-shapes when every prompt is a Shapes-world one):
@@ -34,8 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pickscore: its processor, when the model folder has none")
     m.add_argument("--reference", metavar="DIR", help="fid: reference images (PNG / JPG, or a GenEval-layout folder)")
     m.add_argument("--inception-path", metavar="FILE", help="fid: Inception-v3 FID weights (.pth or .safetensors)")
-    m.add_argument("--bootstrap", type=int, default=200, metavar="N",
-                   help="fid: resamples of the run's images for the 95%% interval (default 200; 0: none)")
+    add_bootstrap(m, "fid: resamples of the run's images for the 95 %% interval; 0: none")
     m.add_argument("--local-verifier-path", metavar="DIR", help="local-yesno: a transformers VLM folder")
     m.add_argument("--vlm-url", metavar="URL", help="vlm-yesno / vlm-score: OpenAI-compatible endpoint")
     m.add_argument("--vlm-model", metavar="NAME", help="vlm-yesno / vlm-score: the served model")
@@ -44,9 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--vlm-concurrency", type=int, default=None, metavar="N", help="vlm-*: requests in flight")
     m.add_argument("--verifier-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the verifier used as a metric (repeatable)")
-    m.add_argument("--device", default="auto", help="cpu | cuda | auto (default auto)")
-    m.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default auto)")
-    m.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per model call (default 16)")
+    add_device(m)
+    add_dtype(m)
+    add_batch_size(m, 16, "images per model call")
 
 
 def _value(text: str):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..flags import add_bootstrap
+
 COMPARE_HELP = """\
 Compare runs on the same prompts, metric by metric, with 95 % bootstrap intervals over prompts
 (paired: every resample draws the same prompts for every run; stratified by category), the
@@ -35,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--metric", action="append", default=None, metavar="NAME",
                    help="compare only these metrics (repeatable; default: every metric evaluated in all runs)")
     c.add_argument("--top", type=int, default=8, metavar="K", help="prompts shown side by side (default 8)")
-    c.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples (default 1000)")
+    add_bootstrap(c)
     c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     c.set_defaults(func=cmd_compare)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...components import KINDS, ComponentError
+from ...flags import add_device, add_dtype
 from ..vlm.options import DEFAULT_KEY_ENV, VLMOptions, refuse_credentials
 from . import DEFAULTS
 from .loading import FluxFolder, FluxPathError, check_flux_folder, meta_transformer
@@ -158,8 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser, component_flags: bool = False
     f.add_argument("--corrector-cond-attention", choices=("full", "causal_kv"),
                    help="full (default; the released corrector) or causal_kv (a corrector trained with condition "
                    "tokens attending only to themselves: their keys/values are computed once per image)")
-    f.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    f.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
+    add_device(f, default=None)
+    add_dtype(f, default=None)
     v = parser.add_argument_group("VLM judges (OpenAI-compatible endpoint)")
     v.add_argument("--vlm-url", metavar="URL", help="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
     v.add_argument("--vlm-model", metavar="NAME", help="e.g. gpt-4o or Qwen/Qwen2.5-VL-7B-Instruct")
