@@ -122,12 +122,17 @@ def _evaluation_note(folder: RunFolder) -> str:
 def _metrics_section(folder: RunFolder) -> str:
     """The summaries `reflectionflow evaluate --metric` left in the folder."""
     from ..metrics import evaluated_metrics, read_metric
+    from ..stats import enough
 
     rows = []
     for name in evaluated_metrics(folder.root):
         _, s = read_metric(folder.root, name)
         value = s.get("overall", s.get("mean", s.get("value")))
-        ci = f" [{s['ci95'][0]:.4g}, {s['ci95'][1]:.4g}]" if s.get("ci95") else ""
+        n = s.get("n_images") if s.get("kind") == "set" else s.get("n_prompts")  # what the interval resamples
+        if isinstance(n, int) and not enough(n):
+            ci = f" (n={n}, no interval)"
+        else:
+            ci = f" [{s['ci95'][0]:.4g}, {s['ci95'][1]:.4g}]" if s.get("ci95") else ""
         own = " <span class=bad title=\"the run's own verifier\">not independent</span>" if s.get(
             "same_as_run_verifier") else ""
         rows.append(f"<tr><td class=l>{_e(name)}</td><td>{'' if value is None else f'{value:.4g}'}{ci}</td>"
