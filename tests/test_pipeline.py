@@ -98,6 +98,9 @@ def test_bad_from_pretrained_names_the_argument(tmp_path):
              ({"verifier": str(tmp_path / "missing")}, "verifier"),
              ({"generator": "world-render", "options": {"generator": {"stepz": 1}}}, "generator"),
              ({"options": {"painter": {}}}, "options")]
+    cases += [({"pretrained": "flux"}, "backend_options"),
+              ({"pretrained": "flux", "backend_options": {"flux_path": str(tmp_path / "none")}}, "backend_options"),
+              ({"pretrained": "flux", "generator": str(tmp_path)}, "generator")]
     for kwargs, argument in cases:
         with pytest.raises(ArgumentError) as e:
             ReflectionFlowPipeline.from_pretrained(**kwargs)

@@ -133,7 +133,7 @@ _CALL_ARGUMENTS = ("prompt", "prompts", "budget", "method", "seed", "chains", "d
                    "output_dir", "resume")
 
 
-def _as_argument_error(err: ValueError, arguments: Sequence[str]) -> ArgumentError:
+def _as_argument_error(err: ValueError, arguments: Sequence[str], default: str | None = None) -> ArgumentError:
     """The engine's message with its flags written as this API's arguments, and the argument it names."""
     text = str(err)
     text = re.sub(r"--[a-z][a-z0-9-]*", lambda m: _FLAG_ARGUMENTS.get(m.group(0), m.group(0)[2:].replace("-", "_")),
@@ -141,7 +141,7 @@ def _as_argument_error(err: ValueError, arguments: Sequence[str]) -> ArgumentErr
     text = re.sub(r"\b(\w+) \(\1\)", r"\1", text)  # "budget (--budget)" -> "budget"
     text = text.replace("a PROMPT", "a prompt")
     found = [(m.start(), name) for name in arguments if (m := re.search(rf"\b{name}\b", text))]
-    return ArgumentError(text, min(found)[1] if found else None)
+    return ArgumentError(text, min(found)[1] if found else default)
 
 
 class ReflectionFlowPipeline:
@@ -171,7 +171,8 @@ class ReflectionFlowPipeline:
         `pretrained`: a backend name (`world`, `flux`) or a world generator folder (model.safetensors
         + config.json, as `reflectionflow train world-generator` writes). Each component is a registry
         name (`reflectionflow generate --help` lists them) or, on the world backend, a weights folder for
-        that kind's default component. `options`: per kind, the component's own settings (e.g.
+        that kind's trained component (world-mmdit for the generator and corrector, world-learned for
+        the judges). `options`: per kind, the component's own settings (e.g.
         {"generator": {"steps": 10, "device": "cpu"}}). `backend_options` and `api_key`: the flux
         backend's shared settings (docs/backends.md) and the VLM endpoint's key.
         """
@@ -196,6 +197,7 @@ class ReflectionFlowPipeline:
                 raise ArgumentError("pretrained is a generator folder and generator is given too; give one",
                                     "generator")
             backend, given["generator"] = "world", folder
+        BACKENDS[backend].defaults()  # imports the backend's module: its components are registered
         names: dict[str, str | None] = {}
         for kind, value in given.items():
             if value is None:
@@ -229,7 +231,13 @@ class ReflectionFlowPipeline:
         arguments = ("pretrained", *given, "options", "backend_options", "api_key")
         try:
             config = resolve_components(base.validate())  # method reflection: every kind resolved
+        except ValueError as e:
+            raise _as_argument_error(e, arguments) from None
+        try:  # the backend's own checks: its shared settings (flux: folders, the endpoint, the key)
             config, plan = check_backend(config, secrets)
+        except ValueError as e:
+            raise _as_argument_error(e, arguments, "backend_options") from None
+        try:
             built = build_components(config, secrets, plan=plan)
         except ValueError as e:
             raise _as_argument_error(e, arguments) from None
