@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import json
 
-GENREF_COMMAND_MODULES = ("reflectionflow.data.build",)
+GENREF_COMMAND_MODULES = ("reflectionflow.data.build", "reflectionflow.data.harvest")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -54,14 +54,24 @@ SIZES = {
 }
 
 
+MAX_COMMANDS = 8  # a reflection never holds more commands than this
+
+
 def words_to_reflection(words: list[str]) -> str:
-    """['add', 'one', 'red', 'circle', 'remove', ...] -> '- Add one red circle.\\n- Remove ...'."""
+    """['add', 'one', 'red', 'circle', 'remove', ...] -> '- Add one red circle.\\n- Remove ...'.
+    A repeated command is written once, and at most MAX_COMMANDS are kept, so a decoder that loops
+    (one command 24 times on an odd image) still gives a short, actionable reflection."""
     lines: list[list[str]] = []
     for w in words:
         if w in OPS or not lines:
             lines.append([])
         lines[-1].append(w)
-    return "\n".join("- " + " ".join(ws).capitalize() + "." for ws in lines)
+    out: list[str] = []
+    for ws in lines:
+        line = "- " + " ".join(ws).capitalize() + "."
+        if line not in out:
+            out.append(line)
+    return "\n".join(out[:MAX_COMMANDS])
 
 
 class WorldReflector(nn.Module):

@@ -33,9 +33,12 @@ class VerifierConfig:
     text_layers: int = 2
     max_text_len: int = 32
     vocab: tuple[str, ...] = field(default_factory=lambda: tuple(VOCABULARY))
+    temperature: float = 1.0  # P(yes) = sigmoid(logit / temperature), fitted on held-out data (calibration)
 
     def __post_init__(self):
         self.vocab = tuple(self.vocab)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.image_size % self.patch:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch {self.patch}")
         if self.width % self.heads:
@@ -98,7 +101,8 @@ class WorldVerifier(nn.Module):
     @torch.no_grad()
     def p_yes(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         dev = next(self.parameters()).device
-        return torch.sigmoid(self(images.to(dev), self.tokenizer(prompts).to(dev)).float()).cpu()
+        logits = self(images.to(dev), self.tokenizer(prompts).to(dev)).float()
+        return torch.sigmoid(logits / self.config.temperature).cpu()
 
     # On disk: config.json (with FORMAT) and model.safetensors ----------------------------------
     def save_pretrained(self, folder: str | Path) -> None:

@@ -106,6 +106,8 @@ CORRECTOR = [
     ("--mix-steps", "mix_steps", int, "steps of the subset-mix warm-up"),
     ("--keep-share", "keep_share", float, "share of rule draws that are 'keep' pairs of passed samples"),
     ("--pool", "pool_dir", str, "folder of the judged generator samples (default OUT/pool; may be shared)"),
+    ("--harvest", "harvest", _names, "harvest folders (genref harvest; comma-separated, one per round): the "
+     "search's labelled candidates are the pool"),
     ("--pool-size", "pool_size", int, "generator samples in the pool"),
     ("--pool-per-prompt", "pool_per_prompt", int, "samples per prompt draw in the pool"),
     ("--pool-tag-weights", "pool_tag_weights", _mapping, "category weights of the pool's prompts"),

@@ -78,7 +78,18 @@ from .corrector_common import (
     check_resumable,
     train_corrector,
 )
-from .corrector_pool import KEEP, POOL_TAG_WEIGHTS, Pool, PoolSettings, build_pool, default_workers, scene_detections
+from .corrector_pool import (
+    KEEP,
+    POOL_TAG_WEIGHTS,
+    Pool,
+    PoolSettings,
+    build_pool,
+    check_harvests,
+    default_workers,
+    load_harvests,
+    reward_groups,
+    scene_detections,
+)
 from .loop import resolve_device, to_model_space, to_uint8
 from .world import DEFAULT_TAG_WEIGHTS, save_grid, spread
 
@@ -131,6 +142,7 @@ class WorldCorrectorConfig(CorrectorTrainConfig):
     mix_steps: int = 1000
     keep_share: float = 0.25  # of the rule subset's draws
     pool_dir: str | None = None  # None: OUT/pool (several runs may share one pool)
+    harvest: tuple[str, ...] = ()  # harvest folders (genref harvest, one per round): the pool instead of OUT/pool
     pool_size: int = 49_152
     pool_per_prompt: int = 4
     pool_tag_weights: dict = field(default_factory=lambda: dict(POOL_TAG_WEIGHTS))
@@ -170,6 +182,8 @@ class WorldCorrectorConfig(CorrectorTrainConfig):
         if self.mix_steps < 0 or self.val_prompts < 0 or self.label_workers < 0:
             raise ValueError("mix_steps, val_prompts and label_workers must be >= 0")
         self.mix = self.mix_schedule().to_dict()
+        self.harvest = tuple(str(h) for h in self.harvest)
+        check_harvests(self.harvest)
         if not (Path(self.generator) / "model.safetensors").is_file():
             raise FileNotFoundError(f"{Path(self.generator) / 'model.safetensors'}: no generator weights; "
                                     f"{TRAIN_GENERATOR_HINT}")
@@ -229,10 +243,8 @@ class PoolBatches(BatchSource):
         rows = pool.samples
         self.fail = [i for i, r in enumerate(rows) if r["target"] >= 0]
         self.passed = [i for i, r in enumerate(rows) if r["correct"]]
-        self.reward = []  # (worse, correct) within one prompt draw
-        k = pool.settings["per_prompt"]
-        for g in range(0, len(rows), k):
-            group = range(g, min(g + k, len(rows)))
+        self.reward = []  # (worse, correct) within one prompt draw (or one search of one prompt)
+        for group in reward_groups(pool):
             self.reward += [(a, b) for a in group for b in group
                             if rows[b]["correct"] and rows[a]["score"] < rows[b]["score"]]
         self.available = {"editing"} | ({"rule", "length"} if self.fail else set()) | \
@@ -464,6 +476,8 @@ class WorldCorrectorResult:
 def prepare_pool(cfg: WorldCorrectorConfig) -> Pool:
     """Build (or reuse) the run's pool of judged generator samples."""
     cfg.validate()
+    if cfg.harvest:  # the search's own candidates, labelled: no generator pool to build
+        return load_harvests(cfg.harvest)
     folder = Path(cfg.pool_dir) if cfg.pool_dir else Path(cfg.out_dir) / "pool"
     settings = cfg.pool_settings()
     model = None

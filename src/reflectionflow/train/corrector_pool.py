@@ -269,3 +269,54 @@ def scene_detections(scene: Sequence[Obj]) -> list[Detection]:
     rendered scene: docs/RESULTS.md), in its order, without spending 2 ms per image on detection."""
     dets = [Detection(o.cls, o.color, o.box, 1.0, o.size * o.size) for o in scene]
     return sorted(dets, key=lambda d: (d.box[1], d.box[0]))
+
+
+def check_harvests(folders: Sequence[str | Path]) -> None:
+    """Each folder holds a complete harvest (before any weights load)."""
+    for f in folders:
+        if not (Path(f) / "pool" / "pool.json").is_file():
+            raise ValueError(f"--harvest {f}: no complete harvest there (pool/pool.json missing); make one with "
+                             "`reflectionflow genref harvest --out DIR`")
+
+
+def load_harvests(folders: Sequence[str | Path]) -> Pool:
+    """The pools of one or more harvests (`reflectionflow genref harvest`, one per round) as one Pool:
+    samples concatenated in the order given (target indices shifted), the first one's validation
+    samples (every round samples the same validation prompts and seeds). Each row keeps its
+    harvest's fields (kind, method, round, group: the search and prompt it came from)."""
+    if not folders:
+        raise ValueError("no harvest folder given")
+    pools = []
+    for f in folders:
+        f = Path(f)
+        if not (f / "pool" / "pool.json").is_file():
+            raise FileNotFoundError(f"{f}: no complete harvest there (pool/pool.json missing); make one with "
+                                    "`reflectionflow genref harvest --out DIR`")
+        pools.append(Pool.load(f / "pool"))
+    if len(pools) == 1:
+        return pools[0]
+    rows, images, targets, offset = [], [], [], 0
+    for p in pools:
+        for r in p.samples:
+            rows.append({**r, "target": r["target"] + offset if r["target"] >= 0 else -1})
+        offset += len(p.targets)
+        images.append(np.asarray(p.images))
+        targets.append(np.asarray(p.targets))
+    summary = {"harvests": [str(p.folder) for p in pools], "samples": len(rows),
+               "failed": sum(not r["correct"] for r in rows), "fixable": sum(r["target"] >= 0 for r in rows)}
+    first = pools[0]
+    return Pool(first.folder, {**first.settings, "harvests": summary["harvests"]}, summary, rows, first.val,
+                np.concatenate(images), np.concatenate(targets), first.val_images)
+
+
+def reward_groups(pool: Pool) -> list[list[int]]:
+    """Rows that are samples of one prompt: a harvest's `group` (one search of one prompt), else
+    blocks of `per_prompt` consecutive rows (a generator pool's prompt draws)."""
+    rows = pool.samples
+    if rows and "group" in rows[0]:
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r["group"], []).append(i)
+        return list(groups.values())
+    k = pool.settings["per_prompt"]
+    return [list(range(g, min(g + k, len(rows)))) for g in range(0, len(rows), k)]

@@ -26,7 +26,7 @@ from ..world.commands import format_reflection, parse_reflection
 from ..world.detect import detect
 from .judges import run_judge_loop, start_judge_run
 from .loop import StepBatches, TrainConfig
-from .verifier import build_pool, check_judge_data, flawed_render
+from .verifier import build_pool, check_judge_data, flawed_render, harvest_pool
 from .world import DEFAULT_TAG_WEIGHTS, TRAIN_SEED_FLOOR, load_prompt_file, spread
 
 
@@ -46,6 +46,8 @@ class WorldReflectorConfig(TrainConfig):
     generator_share: float = 0.5
     pool_size: int = 8192  # generator samples in the pool (OUT/pool.npz)
     corrector: str | None = None  # a corrector folder: its corrections of the pool's samples join the pool
+    harvest: tuple[str, ...] = ()  # harvest folders (genref harvest, one per round): the pool instead
+    holdout: float = 0.1  # share of a harvest's searches held out (the held-out exact match)
     ckpt_every: int = 500
     log_every: int = 100
 
@@ -115,20 +117,33 @@ class ReflectorTrainResult:
 def train_world_reflector(cfg: WorldReflectorConfig) -> ReflectorTrainResult:
     run = start_judge_run(cfg, lambda: WorldReflector(SIZES[cfg.model_size]()))
     model, dev = run.model, run.device
-    pool = None
-    if cfg.generator:
+    pool = held = None
+    if cfg.harvest:
+        pool, held = harvest_pool(cfg)
+    elif cfg.generator:
         pool = build_pool(cfg, dev)
+    if pool is not None:
         pool["fails"] = np.nonzero(pool["labels"] < 0.5)[0]
         pool["passes"] = np.nonzero(pool["labels"] >= 0.5)[0]
     batches = iter(DataLoader(ReflectorData(cfg, run.step, pool), batch_size=None, num_workers=cfg.num_workers,
                               prefetch_factor=4 if cfg.num_workers else None))
-    validate = None
+    validate = val = held_fails = None
     if cfg.val_size:
         metas = [m for m in load_prompt_file("geneval_shapes_val.jsonl") if cfg.tag_weights.get(m["tag"], 0) > 0]
         metas = spread(metas, cfg.val_size)
         images, targets = oracle_examples(metas, list(range(len(metas))), cfg.p_flaw)  # small seeds: held out
         val = (torch.from_numpy(images), [m["prompt"] for m in metas], targets)
-        validate = lambda m: {"val_exact_match": exact_match(m, *val)}  # noqa: E731
+    if held is not None:  # the held-out searches' failures (at most 1,024, spread over them)
+        idx = [int(i) for i in spread(list(np.nonzero(held["labels"] < 0.5)[0]), 1024)]
+        if idx:
+            held_fails = (torch.from_numpy(held["images"][idx]), [held["prompts"][i] for i in idx],
+                          [held["reflections"][i] for i in idx])
+    if val is not None or held_fails is not None:
+        def validate(m) -> dict:
+            row = {"val_exact_match": exact_match(m, *val)} if val is not None else {}
+            if held_fails is not None:
+                row["held_exact_match"] = exact_match(m, *held_fails)
+            return row
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
 
     def batch_loss(batch):

@@ -15,6 +15,8 @@ checkpoint/ (exact resume), and OUT/verifier (the shippable weights, with every 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ from ..world import spec
 from ..world.evaluate import evaluate_image
 from ..world.flaws import FLAW_KINDS, plant_flaw
 from ..world.render import render, sample_scene
+from .corrector_pool import check_harvests, load_harvests
 from .judges import run_judge_loop, start_judge_run
 from .loop import StepBatches, TrainConfig
 from .world import DEFAULT_TAG_WEIGHTS, TRAIN_SEED_FLOOR, generate_images, load_prompt_file, spread
@@ -51,6 +54,8 @@ class WorldVerifierConfig(TrainConfig):
     generator_share: float = 0.5
     pool_size: int = 8192  # generator samples in the pool
     corrector: str | None = None  # a corrector folder: its corrections of the pool's samples join the pool
+    harvest: tuple[str, ...] = ()  # harvest folders (genref harvest, one per round): the pool instead
+    holdout: float = 0.1  # share of a harvest's searches (prompt x method) held out: calibration and scores
     val_size: int = 1024  # held-out renders (validation prompts, small seeds) scored at each log
     ckpt_every: int = 500
     log_every: int = 100
@@ -69,6 +74,12 @@ def check_judge_data(cfg, sizes) -> None:
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
     check_pool_models(cfg.generator, cfg.corrector)
+    cfg.harvest = tuple(str(h) for h in cfg.harvest)
+    if cfg.harvest and cfg.generator:
+        raise ValueError("--harvest and --generator both name the pool; give one")
+    check_harvests(cfg.harvest)
+    if not 0.0 <= cfg.holdout < 1.0:
+        raise ValueError(f"holdout must be in [0, 1), got {cfg.holdout}")
     bad = sorted(set(cfg.tag_weights) - set(spec.TAGS))
     if bad or any(w < 0 for w in cfg.tag_weights.values()) or sum(cfg.tag_weights.values()) <= 0:
         raise ValueError(f"tag_weights: categories of {', '.join(spec.TAGS)} with weights >= 0 and a "
@@ -182,6 +193,102 @@ def build_pool(cfg, dev: torch.device) -> dict:
             "reflections": list(map(str, reflections))}
 
 
+def held_out(group: str, share: float) -> bool:
+    """Whether a harvest row's search (prompt x method) is held out: a stable hash of its group."""
+    h = int.from_bytes(hashlib.blake2b(group.encode(), digest_size=8).digest(), "big")
+    return (h % 10_000) < share * 10_000
+
+
+def harvest_pool(cfg) -> tuple[dict, dict | None]:
+    """The harvests' candidates as the pool (images, labels, prompts, reflections, kinds, rounds),
+    and the held-out part (None when `holdout` is 0 or holds nothing)."""
+    pool = load_harvests(cfg.harvest)
+    rows = pool.samples
+    out = held = None
+    flags = np.array([held_out(f"{r['round']}/{r['group']}", cfg.holdout) for r in rows], dtype=bool)
+    for part, mask in (("train", ~flags), ("held", flags)):
+        idx = np.nonzero(mask)[0]
+        d = {"images": np.asarray(pool.images[idx]) if len(idx) else np.zeros((0, 64, 64, 3), np.uint8),
+             "labels": np.array([rows[i]["correct"] for i in idx], dtype=np.float32),
+             "prompts": [rows[i]["prompt"] for i in idx], "reflections": [rows[i]["reflection"] for i in idx],
+             "kinds": [rows[i].get("kind", "noise") for i in idx], "rounds": [rows[i].get("round", 1) for i in idx]}
+        if part == "train":
+            out = d
+        elif len(idx):
+            held = d
+    if not len(out["labels"]):
+        raise ValueError(f"--harvest {', '.join(cfg.harvest)}: every candidate is held out; lower --holdout")
+    return out, held
+
+
+def calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: |mean P(yes) - share correct| per equal-width bin, weighted by size."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    err = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            err += m.mean() * abs(float(p[m].mean()) - float(y[m].mean()))
+    return float(err)
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U, ties counted half); None without both classes."""
+    labels = labels.astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if not n_pos or not n_neg:
+        return None
+    _, inverse, counts = np.unique(np.asarray(scores), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)  # tied scores share the mean of their ranks (1-based)
+    ranks = (ends - (counts - 1) / 2.0)[inverse]
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T > 0 minimising the log loss of sigmoid(logit / T) (a 1-D search: cheap and exact
+    enough for one number)."""
+    z = logits.astype(np.float64)
+    y = labels.astype(np.float64)
+
+    def nll(t: float) -> float:
+        s = z / t
+        return float(np.mean(np.logaddexp(0.0, s) - y * s))
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 241))
+    best = min(grid, key=nll)
+    lo, hi = best / 1.03, best * 1.03
+    for _ in range(40):  # golden-section refinement around the best grid point
+        a, b = hi - (hi - lo) * 0.618, lo + (hi - lo) * 0.618
+        lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)
+    return float((lo + hi) / 2)
+
+
+@torch.no_grad()
+def logits_of(model: WorldVerifier, images: np.ndarray, prompts: list[str], batch: int = 512) -> np.ndarray:
+    model.eval()
+    dev = next(model.parameters()).device
+    out = [model(torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(dev),
+                 model.tokenizer(prompts[i : i + batch]).to(dev)).float().cpu()
+           for i in range(0, len(prompts), batch)]
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def held_out_scores(model: WorldVerifier, held: dict, temperature: float = 1.0) -> dict:
+    """Accuracy, ROC AUC and calibration error on the held-out harvest, overall and per candidate kind."""
+    z = logits_of(model, held["images"], held["prompts"])
+    p = 1.0 / (1.0 + np.exp(-z / temperature))
+    y = held["labels"]
+    kinds = np.array(held["kinds"])
+    out = {"n": int(len(y)), "accuracy": float(((p > 0.5) == (y > 0.5)).mean()), "auc": roc_auc(p, y),
+           "ece": calibration_error(p, y), "kinds": {}}
+    for k in sorted(set(held["kinds"])):
+        m = kinds == k
+        out["kinds"][k] = {"n": int(m.sum()), "yes_share": float(y[m].mean()), "auc": roc_auc(p[m], y[m]),
+                           "ece": calibration_error(p[m], y[m])}
+    return out
+
+
 def validation_set(cfg: WorldVerifierConfig) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Held-out renders: validation prompts of the trained categories and small seeds (training
     seeds are >= 2**40)."""
@@ -206,12 +313,18 @@ class VerifierTrainResult:
     last_loss: float
     val_accuracy: float | None
     ema: WorldVerifier
+    held: dict | None = None  # held-out harvest scores before / after calibration, and the temperature
 
 
 def train_world_verifier(cfg: WorldVerifierConfig) -> VerifierTrainResult:
     run = start_judge_run(cfg, lambda: WorldVerifier(SIZES[cfg.model_size]()))
     model, dev = run.model, run.device
-    data = VerifierData(cfg, build_pool(cfg, dev) if cfg.generator else None, start_step=run.step)
+    held = None
+    if cfg.harvest:
+        pool, held = harvest_pool(cfg)
+    else:
+        pool = build_pool(cfg, dev) if cfg.generator else None
+    data = VerifierData(cfg, pool, start_step=run.step)
     batches = iter(DataLoader(data, batch_size=None, num_workers=cfg.num_workers,
                               prefetch_factor=4 if cfg.num_workers else None))
     fwd = torch.compile(model) if cfg.compile else model
@@ -227,7 +340,25 @@ def train_world_verifier(cfg: WorldVerifierConfig) -> VerifierTrainResult:
         right = float(((logits.detach() > 0).float() == labels).float().mean())
         return loss, {"train_accuracy": right, "yes_share": float(labels.mean())}
 
-    validate = (lambda m: {"val_accuracy": accuracy(m, *val)}) if val is not None else None
-    res = run_judge_loop(cfg, run, "verifier", batches, batch_loss, validate)
+    def validate(m) -> dict:
+        row = {"val_accuracy": accuracy(m, *val)} if val is not None else {}
+        if held is not None:
+            s = held_out_scores(m, held)
+            row.update(held_accuracy=s["accuracy"], held_auc=s["auc"] or 0.0, held_ece=s["ece"])
+        return row
+
+    res = run_judge_loop(cfg, run, "verifier", batches, batch_loss,
+                         validate if (val is not None or held is not None) else None)
+    scores = None
+    if held is not None:
+        # Calibration: one temperature on the held-out searches, so that P(yes) means what it says
+        # (early-stop thresholds); ranking, and so best-of-N, is unchanged by it.
+        ema = run.ema.model
+        t = fit_temperature(logits_of(ema, held["images"], held["prompts"]), held["labels"])
+        scores = {"before": held_out_scores(ema, held), "temperature": round(t, 4),
+                  "after": held_out_scores(ema, held, t)}
+        ema.config.temperature = round(t, 4)
+        ema.save_pretrained(run.out / "verifier")
+        (run.out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
     return VerifierTrainResult(step=res.step, minutes=res.minutes, last_loss=res.last_loss,
-                               val_accuracy=res.val.get("val_accuracy"), ema=run.ema.model)
+                               val_accuracy=res.val.get("val_accuracy"), ema=run.ema.model, held=scores)

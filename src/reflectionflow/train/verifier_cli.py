@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import COMMON, _add_flags, _common, _mapping, build_config
+from .cli import COMMON, _add_flags, _common, _mapping, _names, build_config
 
 VERIFIER = [
     ("--size", "model_size", str, "model size: tiny | small"),
@@ -19,10 +19,14 @@ VERIFIER = [
     ("--pool-size", "pool_size", int, "generator samples in the pool (made once, OUT/pool.npz)"),
     ("--corrector", "corrector", str, "a corrector folder: its corrections of the pool's samples join the pool"),
     ("--val-size", "val_size", int, "held-out renders scored at every log line (0: none)"),
+    ("--harvest", "harvest", _names, "harvest folders (genref harvest; comma-separated, one per round): the "
+     "search's labelled candidates are the pool (its share of a batch: --generator-share)"),
+    ("--holdout", "holdout", float, "share of the harvests' searches held out for calibration and scores"),
 ]
 
 REFLECTOR = [row for row in VERIFIER if row[1] in ("model_size", "p_flaw", "tag_weights", "val_size", "generator",
-                                                  "generator_share", "pool_size", "corrector")]
+                                                  "generator_share", "pool_size", "corrector", "harvest",
+                                                  "holdout")]
 
 
 def register(tsub: argparse._SubParsersAction) -> None:
@@ -49,6 +53,10 @@ def cmd_world_verifier(args) -> int:
     cfg = build_config(WorldVerifierConfig, args, COMMON + VERIFIER)
     res = train_world_verifier(cfg)
     acc = "" if res.val_accuracy is None else f"; held-out accuracy {res.val_accuracy:.3f}"
+    if res.held is not None:
+        after = res.held["after"]
+        acc += (f"; held-out harvest: AUC {after['auc']:.3f}, calibration error {res.held['before']['ece']:.3f} -> "
+                f"{after['ece']:.3f} (temperature {res.held['temperature']})")
     print(f"trained {res.step} steps in {res.minutes:.1f} min{acc}; weights in {Path(cfg.out_dir) / 'verifier'}")
     return 0
 
