@@ -139,3 +139,32 @@ def test_a_backend_brings_its_own_flags_as_component_options(tmp_path, monkeypat
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["options"] == {"generator": {"p_relation": 1.0}}
     assert config["config"]["backend"] == "sim"
+
+
+@pytest.mark.parametrize("method", ["prompt", "reflection"])
+def test_every_image_is_scored_against_the_original_prompt_never_the_refined_one(tmp_path, method):
+    """The verifier sees each prompt's own GenEval text for every candidate, although the refiner
+    rewrites the prompt the generator and the corrector are given."""
+    from reflectionflow.components import build
+    from reflectionflow.engine.executor import Components
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner, self.prompts = inner, []
+
+        def score(self, images, prompts):
+            self.prompts += list(prompts)
+            return self.inner.score(images, prompts)
+
+    ver = Recording(build("verifier", "world-oracle"))
+    comps = Components(generator=build("generator", "world-render"), verifier=ver,
+                       reflector=build("reflector", "world-oracle"), refiner=build("refiner", "world-rule"),
+                       corrector=build("corrector", "world-edit"))
+    prompts = subset_file(tmp_path, 1)
+    out = tmp_path / method
+    run(out, prompts, method=method, budget=6, chains=2, **({"pool": 2} if method == "reflection" else {}),
+        components=comps)
+    originals = {json.loads((out / f"{i:05d}" / "metadata.jsonl").read_text())["prompt"] for i in range(6)}
+    refined = {c.prompt for i in range(6) for c in _cands(out, i)[1]} - originals
+    assert refined, "the refiner changed no prompt: the test would prove nothing"
+    assert len(ver.prompts) == 6 * 6 and set(ver.prompts) <= originals
