@@ -151,9 +151,17 @@ def register(kind: str, name: str, description: str = "") -> Callable:
     return deco
 
 
+# The modules whose import registers the built-in components. All of them register factories only
+# (heavy libraries load when a component is built), so every name is known whatever was imported
+# before: `names("verifier")` is the same list in a fresh interpreter and after a run.
+BUILTIN_MODULES = ("reflectionflow.backends.world", "reflectionflow.backends.vlm", "reflectionflow.backends.flux")
+
+
 def _ensure_builtin() -> None:
-    # Importing the backends registers their components.
-    from .backends import world  # noqa: F401
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
 
 
 def names(kind: str) -> list[str]:
