@@ -245,12 +245,12 @@ class SamplerOptions:
 
 
 @dataclass
-class GeneratorOptions(SamplerOptions):
+class MMDiTGeneratorOptions(SamplerOptions):
     weights: str = str(DEFAULT_GENERATOR)  # a folder with model.safetensors (+ config.json)
 
 
 @dataclass
-class CorrectorOptions(SamplerOptions):
+class MMDiTCorrectorOptions(SamplerOptions):
     weights: str = str(DEFAULT_CORRECTOR)  # a corrector folder (lora.safetensors + corrector.json)
     generator: str | None = None  # the base generator folder; None: the shipped one it was trained on
     batch_size: int = 128
@@ -349,7 +349,7 @@ class MMDiTGenerator(Generator):
     who = "generator world-mmdit"
 
     def __init__(self, **options):
-        self.opt: GeneratorOptions = _options(GeneratorOptions, options, self.who)
+        self.opt: MMDiTGeneratorOptions = _options(MMDiTGeneratorOptions, options, self.who)
         self.sampler = _Sampler(load_generator(self.opt.weights), self.opt)
         self.model = self.sampler.model
 
@@ -373,7 +373,7 @@ class MMDiTCorrector(Corrector):
     who = "corrector world-mmdit"
 
     def __init__(self, **options):
-        self.opt: CorrectorOptions = _options(CorrectorOptions, options, self.who)
+        self.opt: MMDiTCorrectorOptions = _options(MMDiTCorrectorOptions, options, self.who)
         model, self.config = load_corrector(self.opt.weights, self.opt.generator)
         if self.opt.strength is None:
             self.opt.strength = trained_strength(self.config)

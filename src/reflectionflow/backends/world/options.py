@@ -26,7 +26,7 @@ def build_options(cls, options: dict, who: str):
 
 
 @dataclass
-class GeneratorOptions:
+class RenderGeneratorOptions:
     """Chance of each kind of flaw in a generated scene (world.flaws kinds). The defaults put
     one-sample accuracy on GenEval-Shapes near FLUX.1-dev's on GenEval (about 0.65, position
     the hardest category) and let best-of-N with the oracle verifier saturate near 0.92 at 8
@@ -49,7 +49,7 @@ class GeneratorOptions:
 
 
 @dataclass
-class CorrectorOptions:
+class EditCorrectorOptions:
     p_fail: float = 0.25  # each command of the reflection is dropped with this chance
     p_new_flaw: float = 0.05  # a correction breaks something new with this chance
     # Some prompts are hard to edit as well as to draw: each (prompt, command kind) shifts p_fail

@@ -30,7 +30,7 @@ from ...world.detect import Detection, detect
 from ...world.flaws import FLAW_KINDS, plant_flaw
 from ...world.render import Obj, Scene, place, render, sample_scene
 from ...world.spec import BORDER, COLOR_NAMES, IMAGE_SIZE, MAX_SIZE, MIN_SIZE, PromptError, normalize_prompt
-from .options import CorrectorOptions, GeneratorOptions, build_options
+from .options import EditCorrectorOptions, RenderGeneratorOptions, build_options
 from .refine import parse_refined
 
 NOISE_DIM = 16
@@ -52,7 +52,7 @@ class RenderGenerator(Generator):
     """Draws the prompt's scene with the renderer, with a configurable chance of each flaw."""
 
     def __init__(self, **options):
-        self.opt: GeneratorOptions = build_options(GeneratorOptions, options, "generator world-render")
+        self.opt: RenderGeneratorOptions = build_options(RenderGeneratorOptions, options, "generator world-render")
         self._parsed: dict[str, tuple[dict, set[str]]] = {}
 
     def noise_like(self, seed: int) -> np.ndarray:
@@ -96,7 +96,7 @@ class EditCorrector(Corrector):
     """Applies the reflection's edit commands to the previous image's detected scene."""
 
     def __init__(self, **options):
-        self.opt: CorrectorOptions = build_options(CorrectorOptions, options, "corrector world-edit")
+        self.opt: EditCorrectorOptions = build_options(EditCorrectorOptions, options, "corrector world-edit")
 
     def _fail_rate(self, meta: dict | None, op: str) -> float:
         base = self.opt.p_fail
