@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "reflectionflow-world-harvest/1"
-METHODS = ("noise", "prompt", "reflection")
+HARVEST_METHODS = ("noise", "prompt", "reflection")
 # Where the search spends its effort and fails: two objects, counting, position; every category
 # is present, since the verifier must judge them all.
 HARVEST_TAG_WEIGHTS = {"single_object": 0.08, "two_object": 0.22, "counting": 0.20, "colors": 0.10,
@@ -68,7 +68,7 @@ class HarvestConfig:
     prompts: int = 1200  # training prompts
     prompt_seed: int = 1  # draws the training prompts
     seed: int = 1001  # the searches' run seed (every image's seed derives from it; never 0)
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = HARVEST_METHODS
     budget: int = 8  # images per prompt and method
     components: dict = field(default_factory=dict)  # kind -> registry name (the backend's default if absent)
     run_config: str | None = None  # a `generate --config` file (component options: weights folders)
@@ -96,9 +96,9 @@ class HarvestConfig:
     def validate(self) -> HarvestConfig:
         from ..world import spec
 
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in HARVEST_METHODS]
         if bad or not self.methods:
-            raise HarvestError(f"methods {', '.join(bad) or '(none)'}; accepted: {', '.join(METHODS)}")
+            raise HarvestError(f"methods {', '.join(bad) or '(none)'}; accepted: {', '.join(HARVEST_METHODS)}")
         for name, lo in (("round", 1), ("prompts", 1), ("budget", 2), ("processes", 1), ("batch_size", 1),
                          ("prompt_batch", 1), ("val_samples", 1), ("shard_size", 1)):
             v = getattr(self, name)
@@ -388,8 +388,8 @@ def register(gsub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", type=int, default=1200, metavar="N", help="training prompts (default 1200)")
     p.add_argument("--prompt-seed", type=int, default=1, help="draws the training prompts (default 1)")
     p.add_argument("--seed", type=int, default=1001, help="the searches' run seed, >= 1 (default 1001)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated, of {', '.join(METHODS)} (default all)")
+    p.add_argument("--methods", default=",".join(HARVEST_METHODS),
+                   help=f"comma-separated, of {', '.join(HARVEST_METHODS)} (default all)")
     p.add_argument("--budget", type=int, default=8, help="images per prompt and method (default 8)")
     for kind in COMPONENT_KINDS:
         p.add_argument(f"--{kind}", default=None, metavar="NAME", help=f"{kind} registry name (the world default)")

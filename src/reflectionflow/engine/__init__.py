@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig
+from ..config import METHODS, ConfigError, RunConfig
 from ..runs import RunFolder
 from .backends import (
     BACKENDS,
@@ -30,10 +30,11 @@ from .candidates import Candidate, Make, NeedBudget, derive_seed
 from .distributed import DistContext, DistributedError, my_share, work_units
 from .executor import Components, Executor
 from .posthoc import best_of_k
-from .runner import METHODS, EngineError, PromptSpec, RunResult, prepare_folder, run, write_ledger
+from .runner import SEARCH_METHODS, EngineError, PromptSpec, RunResult, prepare_folder, run, write_ledger
 
 __all__ = [
-    "BACKENDS", "METHODS", "Candidate", "Components", "DistContext", "DistributedError", "EngineError", "Executor",
+    "BACKENDS", "METHODS", "SEARCH_METHODS", "Candidate", "Components", "DistContext", "DistributedError",
+    "EngineError", "Executor",
     "Make", "NeedBudget", "Prepared", "PromptSpec", "RunResult", "best_of_k", "build_components", "derive_seed",
     "generate", "my_share", "prepare", "resolve_prompt_list", "run", "work_units", "write_ledger",
 ]

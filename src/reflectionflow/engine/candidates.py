@@ -18,7 +18,7 @@ import numpy as np
 
 from ..components import Verdict
 
-KINDS = ("noise", "neighbour", "prompt", "correct")  # how a candidate was made
+CANDIDATE_KINDS = ("noise", "neighbour", "prompt", "correct")  # how a candidate was made
 STAGES = ("generate", "correct", "verify", "reflect", "refine")  # ledger stages
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..config import RunConfig
+from ..config import METHODS, RunConfig
 from ..runs import RunFolder, RunFolderError, prompts_fingerprint
 from .candidates import Candidate, Make, NeedBudget, best
 from .chains import prompt_chains, reflection_flow
@@ -26,12 +26,14 @@ from .executor import Components, Executor, Job
 from .ledger import prompt_ledger, run_ledger
 from .noise import random_search, zero_order
 
-METHODS: dict[str, Method] = {
+SEARCH_METHODS: dict[str, Method] = {  # config.METHODS, name -> the method coroutine
     "noise": random_search,
     "zero-order": zero_order,
     "prompt": prompt_chains,
     "reflection": reflection_flow,
 }
+if tuple(SEARCH_METHODS) != METHODS:  # config.METHODS names the methods this table runs
+    raise RuntimeError(f"config.METHODS {METHODS} and engine SEARCH_METHODS {tuple(SEARCH_METHODS)} disagree")
 
 
 class EngineError(RuntimeError):
@@ -103,7 +105,7 @@ class Engine:
         self.config = config
         self.c = components
         self.folder = folder
-        self.method = METHODS[config.method]
+        self.method = SEARCH_METHODS[config.method]
         self.executor = Executor(components, batch_size=config.batch_size, workers=config.workers)
         self.bar = progress
         self._best: dict[int, float] = {}

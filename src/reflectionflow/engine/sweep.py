@@ -55,7 +55,7 @@ def run_name(method: str, verifier: str) -> str:
 
 def check_sweep(methods: list[str], verifiers: list[str], budget: int) -> None:
     """Bad input before anything loads (ConfigError: one line, exit 2 at the CLI)."""
-    from ..engine.runner import METHODS
+    from ..config import METHODS
 
     if not methods:
         raise ConfigError("--methods: give at least one method")
