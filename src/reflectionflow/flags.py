@@ -56,20 +56,8 @@ def add_config(p) -> None:
 
 
 def names(kind: str) -> str:
-    """The registry names of a component kind, for a flag's help: 'a, b, c'."""
+    """The registry names of a component kind, for a flag's help: 'a, b, c' (every built-in backend's:
+    components.names loads them all)."""
     from . import components
 
-    _all_backends()
     return ", ".join(components.names(kind))
-
-
-def _all_backends() -> None:
-    import importlib
-
-    from .engine.backends import BACKENDS
-
-    for backend in BACKENDS.values():
-        try:
-            importlib.import_module(backend.module)  # registers its components (no weights, no heavy imports)
-        except ImportError:
-            pass

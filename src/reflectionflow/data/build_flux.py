@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import MAX_ATTEMPTS, SOURCES, BuildConfig, BuildError, BuildFailed, Triplet, _choose, _rng
+from .build_config import MAX_ATTEMPTS, SOURCES, BuildConfig, BuildError, BuildFailed, Triplet, choose, seeded_rng
 
 FORMAT = "reflectionflow-genref-flux/1"
 DEFAULTS = {"generator": "flux", "verifier": "vlm-yesno", "reflector": "vlm", "refiner": "vlm", "corrector": "kontext"}
@@ -47,7 +47,7 @@ EXPAND = ("- Rewrite the prompt as one detailed sentence that states every objec
 _SPEED = ("batch_size", "device")
 _VLM_IDENTITY = ("model", "reflector_style", "refine_with_image")
 
-# GenEval's templates (REFERENCE.md section 7) and proportions (80/99/80/94/100/100), but no single
+# GenEval's templates (docs/method.md, section 6) and proportions (80/99/80/94/100/100), but no single
 # object: GenEval's 80 single-object prompts are all 80 classes, so each would be a benchmark prompt.
 TAG_WEIGHTS = {"single_object": 0, "two_object": 99, "counting": 80, "colors": 94, "position": 100,
                "color_attr": 100}
@@ -89,7 +89,7 @@ def draw_geneval_style(rng: np.random.Generator) -> dict:
     classes, benchmark = _geneval()
     tags = list(TAG_WEIGHTS)
     while True:
-        tag = _choose(rng, TAG_WEIGHTS, tags)
+        tag = choose(rng, TAG_WEIGHTS, tags)
         a, b = (classes[int(j)] for j in rng.choice(len(classes), size=2, replace=False))
         ca, cb = (COLORS[int(j)] for j in rng.choice(len(COLORS), size=2, replace=False))
         if tag == "single_object":
@@ -317,14 +317,14 @@ class FluxBuilder:
         from ..components import CorrectionRequest, GenerationRequest, ReflectionRequest
 
         k = self.cfg.samples_per_prompt
-        todo = [(i, _choose(_rng(self.cfg.seed, i, 0), self.cfg.mix, SOURCES)) for i in range(start, stop)]
+        todo = [(i, choose(seeded_rng(self.cfg.seed, i, 0), self.cfg.mix, SOURCES)) for i in range(start, stop)]
         found: dict[int, tuple[_Draw, dict]] = {}
         for attempt in range(MAX_ATTEMPTS):
             if not todo:
                 break
             draws = []
             for i, source in todo:
-                rng = _rng(self.cfg.seed, i, 2, attempt)
+                rng = seeded_rng(self.cfg.seed, i, 2, attempt)
                 meta = self._meta(rng)
                 seeds = rng.integers(2**40, 2**62, size=2 * k + 1).tolist()  # never a benchmark's seed
                 flaw = flaw_instruction(meta, rng) if source == "editing" else None
