@@ -3,7 +3,7 @@
     python benchmarks/flux_budget.py --json flux_budget.json     # H100: FLUX.1-dev shapes, random weights, ~4 min
     python benchmarks/flux_budget.py --tiny                      # any CPU: tiny shapes, a smoke run
 
-The budget (REFERENCE.md sections 2-3): 32 noise images + 32 corrector images per prompt, 1024 px,
+The budget (docs/method.md, sections 2 and 3): 32 noise images + 32 corrector images per prompt, 1024 px,
 30 steps, condition image 512 px (1024 condition tokens), T5 length 512, a rank-32 condition LoRA.
 The FLUX.1-dev-shaped transformer and VAE are built on the device with random weights (no
 download); the text encoders are not built (one T5 call per text, not counted).

@@ -10,7 +10,7 @@ built on the device with random weights, a random rank-32 corrector LoRA in the 
 The engine's `generate` runs the reflection method (pool P noise images, then N chains x M
 corrections) on one prompt; the ledger's wall seconds per stage are printed, with one transformer
 forward timed alone (plain, and with the 512 px condition tokens) for comparison with
-REFERENCE.md section 3. Random weights make the images noise; the timings are what matter.
+docs/method.md, section 3. Random weights make the images noise; the timings are what matter.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ VAE and text-encoder passes are not included (they run without gradients and can
 
 A batch size that runs out of memory is recorded as OOM and the next one still runs. The last
 lines are the table and the projection for the paper's run: `--paper-steps` steps (default: one
-pass over GenRef's 1M triplets) at 8 per GPU on 8 GPUs (REFERENCE.md section 3), assuming the
+pass over GenRef's 1M triplets) at 8 per GPU on 8 GPUs (docs/method.md, section 3), assuming the
 data-parallel step costs what one GPU's step costs (only the LoRA's gradients are all-reduced).
 """
 
@@ -33,8 +33,8 @@ from reflectionflow.backends.flux.lora import RELEASED_TARGETS, add_lora  # noqa
 from reflectionflow.backends.flux.random_init import TRANSFORMER_CONFIGS  # noqa: E402
 from reflectionflow.backends.flux.transformer import condition_ids, corrector_forward  # noqa: E402
 
-GENREF_TRIPLETS = 1_000_000  # REFERENCE.md section 4
-PAPER_GPUS, PAPER_BATCH_PER_GPU = 8, 8  # REFERENCE.md section 3
+GENREF_TRIPLETS = 1_000_000  # docs/method.md, section 4
+PAPER_GPUS, PAPER_BATCH_PER_GPU = 8, 8  # docs/method.md, section 3
 
 
 def build(size: str, device: str, dtype: torch.dtype, rank: int):

@@ -1,6 +1,6 @@
 """GenRef triplets: read webdataset shards once, serve the four subsets in a scheduled mix.
 
-GenRef-wds (REFERENCE.md section 4) stores one triplet per webdataset sample with the fields
+GenRef-wds (docs/method.md, section 4) stores one triplet per webdataset sample with the fields
 `good_image.jpg`, `bad_image.jpg`, `reflection.txt`, `prompt.txt` and `subset.txt`
 (general | length | rule | editing). The original trainer builds one webdataset pipeline per
 subset and so streams every shard four times, each pipeline throwing away the other three

@@ -1,6 +1,6 @@
 """Rectified flow: the straight path, its loss and an Euler sampler with classifier-free guidance.
 
-Convention (REFERENCE.md section 3, as FLUX and SD3 train): t = 0 is data, t = 1 is noise,
+Convention (docs/method.md, section 3, as FLUX and SD3 train): t = 0 is data, t = 1 is noise,
 x_t = (1 - t) x0 + t eps, and the model predicts the velocity dx_t/dt = eps - x0. Sampling
 integrates from t = 1 down to t = 0. `RectifiedFlow` wraps any `model(x, t, text, cond)` the way
 minRF does: `loss` for training (with text dropout for CFG) and `sample` for inference.

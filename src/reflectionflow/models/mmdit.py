@@ -13,7 +13,7 @@ cost and 4x the MLP cost) and 8x8 patches would put whole object outlines into o
 would add a second trained model and its reconstruction error to a 20 MB budget to save
 attention over only 256 tokens, so there is none.
 
-Condition tokens (the corrector; OminiControl's layout, REFERENCE.md section 3): the previous
+Condition tokens (the corrector; OminiControl's layout, docs/method.md, section 3): the previous
 image goes through the same patch embedder, sits beside the target grid (columns shifted by
 -W), is modulated with the timestep-0 embedding, passes through the image-stream weights of
 every block and joins the joint attention [text; image; condition]; its outputs are dropped.

@@ -1,4 +1,4 @@
-"""Training the world corrector: a LoRA on the frozen trained generator (REFERENCE.md section 3).
+"""Training the world corrector: a LoRA on the frozen trained generator (docs/method.md, section 3).
 
 The corrector is the generator plus a LoRA in OminiControl's layout: the previous image enters as
 condition tokens (models/mmdit.py), the text is `prompt [Reflexion]: reflection`, the loss is

@@ -1,4 +1,4 @@
-"""The reflection corrector's trainer, one code path for both scales (REFERENCE.md section 3).
+"""The reflection corrector's trainer, one code path for both scales (docs/method.md, section 3).
 
 A corrector is a flow-matching model that sees the previous image as condition tokens and the text
 `prompt + " [Reflexion]: " + reflection`, with a LoRA on its condition branch. Two model families

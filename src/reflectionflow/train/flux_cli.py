@@ -86,7 +86,7 @@ SWITCHES = [(None, "gradient_checkpointing", None, None)]
 def register(tsub: argparse._SubParsersAction) -> None:
     p = tsub.add_parser("flux-corrector", help="reflection tuning of FLUX.1: the OminiControl-layout corrector LoRA",
                         description="LoRA on a frozen FLUX.1 transformer, condition tokens from the previous image, "
-                        "trained on GenRef shards (flow matching; REFERENCE.md section 3). OUT/lora holds the "
+                        "trained on GenRef shards (flow matching; docs/method.md, section 3). OUT/lora holds the "
                         "adapters in the released corrector's format. Several GPUs: accelerate launch -m "
                         "reflectionflow train flux-corrector ...")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, validation, OUT/lora)")

@@ -3,7 +3,7 @@
 Data: GenRef-CoT-style JSONL, one example a line: {"prompt": ..., "image": PATH, "instructions":
 "..." or [...], "analysis": optional} (relative paths from the JSONL's folder), or GenRef shards
 (the bad image and its reflection). The target is the instructions as "- <instruction>" lines,
-the command style of REFERENCE.md section 2 (with include_analysis, the analysis comes first and
+the command style of docs/method.md, section 2 (with include_analysis, the analysis comes first and
 the commands follow); the message is the engine's reflection prompt (message_style instruct, as
 `--reflector vlm` sends it) or the released reflection model's (reflection-generator). Loss:
 teacher-forced cross-entropy on the answer tokens only. LoRA adapters on the language model by

@@ -14,7 +14,7 @@ its training config says r = 32, alpha = 32, which is what diffusers assumes for
 (alpha = rank, scale 1). Our own files store rank and alpha in the safetensors metadata
 (`save_lora`), and diffusers' `lora_adapter_metadata` is read when present.
 
-Where the update applies (REFERENCE.md section 3, OminiControl's `enable_lora(..., latent_lora=False)`):
+Where the update applies (docs/method.md, section 3, OminiControl's `enable_lora(..., latent_lora=False)`):
 only to the condition tokens, in the layers that image and condition tokens share. The wrapped layer
 (`ConditionLoRALinear`) is still an `nn.Linear` whose plain `forward` is the base layer, so the same
 transformer serves the plain FLUX generator and the corrector without a second copy in memory; the

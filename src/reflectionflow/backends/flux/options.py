@@ -41,7 +41,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 VLM_NAMES = frozenset({"vlm-yesno", "vlm-score", "vlm"})
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-# The original's settings for FLUX.1-dev (REFERENCE.md section 2); schnell is a 4-step model
+# The original's settings for FLUX.1-dev (docs/method.md, section 2); schnell is a 4-step model
 # without guidance embedding, Kontext's model card uses guidance 2.5.
 VARIANT_DEFAULTS = {
     "dev": dict(steps=30, guidance=3.5, max_sequence_length=512),

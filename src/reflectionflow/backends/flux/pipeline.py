@@ -2,7 +2,7 @@
 
 A new task is a new pipeline class (diffusers' rule): it reuses FluxPipeline's prompt encoding,
 latent packing and scheduler handling, and replaces the transformer call with
-`transformer.corrector_forward`, which adds the condition image's tokens (REFERENCE.md section 3).
+`transformer.corrector_forward`, which adds the condition image's tokens (docs/method.md, section 3).
 
 Unlike the original `generate(...)` it takes a batch of conditions (one per prompt), and it honours
 `num_inference_steps`, `guidance_scale` and the noise it is given (`latents=` or `generator=`).

@@ -1,4 +1,4 @@
-"""The corrector's transformer pass: FLUX with OminiControl condition tokens (REFERENCE.md section 3).
+"""The corrector's transformer pass: FLUX with OminiControl condition tokens (docs/method.md, section 3).
 
 A function over diffusers' unmodified `FluxTransformer2DModel` (no subclass, no patched methods), so
 the same weights serve the plain FLUX generator. Three token streams go through every block:

@@ -113,7 +113,7 @@ def yes_probability(top: list[dict] | None) -> float | None:
 
 class VLMYesNoVerifier(Verifier):
     """"Does the image match the prompt?" scored as P(yes) from the first token's log-probabilities
-    (the NVILA verifier's rule, REFERENCE.md section 5); ranking puts yes-answers first.
+    (the NVILA verifier's rule, docs/method.md, section 5); ranking puts yes-answers first.
 
     Where the server returns no log-probabilities the answer itself decides: score 1.0 or 0.0, and
     `details["logprobs"]` says so.

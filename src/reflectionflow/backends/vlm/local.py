@@ -61,7 +61,7 @@ class LocalYesNoVerifier(Verifier):
 
     score = P(yes) / (P(yes) + P(no)) from the next-token distribution after the question; yes =
     P(yes) > P(no). Ranking puts yes first, then by score: the NVILA verifier's ranking
-    (REFERENCE.md section 5).
+    (docs/method.md, section 5).
     """
 
     def __init__(self, path: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8):

@@ -1,10 +1,10 @@
-"""What the VLM judges are asked, in the project's own words (REFERENCE.md sections 2 and 5).
+"""What the VLM judges are asked, in the project's own words (docs/method.md, sections 2 and 5).
 
 Every user message names the prompt on a line `Prompt: "..."` (and the refiner and reflector the
 current prompt on `Current prompt: "..."`), and each task opens with its own first line, so that
 `reflectionflow serve` (and any other server) can tell the tasks apart and read their fields back
 (`parse_fields`). The evaluation of the image never names a benchmark category: the verifier is kept
-apart from the metric (REFERENCE.md section 5).
+apart from the metric (docs/method.md, section 5).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
   normalised `VQ` score), raw reward in `details`.
 - `LocalReflector` (`--reflector local`): a Qwen2.5-VL folder (the merged model `reflectionflow
   train reflector` writes, or any Qwen2.5-VL-Instruct) asked for edit commands; the answer's
-  "- <instruction>" lines are the reflection (REFERENCE.md section 2).
+  "- <instruction>" lines are the reflection (docs/method.md, section 2).
 
 Both folders are checked before any weights load; a folder of another architecture is a one-line
 error. The message the reflector sees is the one it was trained on (`reflection_messages`), and

@@ -2,7 +2,7 @@
 
 The verifier answers "does this image match the prompt?" with P(yes) from the model of
 models/verifier.py (trained by `reflectionflow train world-verifier`). As NVILA's verifier in the
-paper (REFERENCE.md section 5), yes-answers rank first, then by P(yes): Verdict.yes is
+paper (docs/method.md, section 5), yes-answers rank first, then by P(yes): Verdict.yes is
 P(yes) > threshold and Verdict.score is P(yes). It reads pixels and the prompt text only: never
 the evaluator, the metadata or the category tag.
 """

@@ -6,7 +6,7 @@
 `request.noise`, which zero-order search perturbs), 20 Euler steps with CFG 3 by default.
 
 `MMDiTCorrector` is the same generator plus a LoRA trained by `reflectionflow train
-world-corrector` (OminiControl layout, REFERENCE.md section 3): the previous image enters as
+world-corrector` (OminiControl layout, docs/method.md, section 3): the previous image enters as
 condition tokens beside the target grid and the text is `prompt + " [Reflexion]: " + reflection`.
 With `cond_attention="causal_kv"` (weights/world-corrector-kv) the condition tokens' keys and
 values are computed once per image and reused at every step (`MMDiT.encode_condition`).

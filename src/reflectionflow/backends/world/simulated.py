@@ -1,4 +1,8 @@
-"""Renderer-backed stand-ins for the world generator and corrector (until the trained ones land).
+"""Renderer-backed stand-ins for the world generator and corrector: `world-render` and `world-edit`.
+
+The world backend's defaults are the trained models (`world-mmdit`, weights in weights/); these two
+need no weights, run in milliseconds on a CPU and plant flaws at rates that are settings, so every
+path of the engine runs anywhere (and `genref build --no-generator` samples `world-render`).
 
 Generator. The "initial noise" is a 16-d standard normal vector (`noise_like(seed)`), so the
 noise axis is real: zero-order search moves through it. The first five coordinates decide,
