@@ -1,21 +1,28 @@
-"""The world generator's flow-matching training loop, and pieces other trainers share (`TrainConfig`,
-`StepBatches`, the EMA and its warm-up, checkpoints). The corrector has its own trainer, shared with
-FLUX: train/corrector_common.py.
+"""The one training loop of the Shapes world's models, and pieces other trainers share.
+
+`start_run` and `run_loop` train the world generator (`train_flow_model`, the flow-matching loss;
+train/world.py), the learned verifier (train/verifier.py) and the learned reflector
+(train/reflector.py): each passes its model, its data, the loss of one batch and its validation.
+`TrainConfig`, `StepBatches`, the EMA and its warm-up, `lr_at`, `open_run_folder`, `append_log` and
+`trim_log` are also the real-scale VLM trainers' (train/vlm_common.py); the corrector has its own
+trainer, shared with FLUX: train/corrector_common.py.
 
 nanoGPT's shape: one config dataclass, one visible loop, a checkpoint that holds everything needed
 to continue exactly (weights, EMA, optimizer, step, config). Exact resume works because nothing
-random is carried between steps: batch `s` is a function of (seed, s) (see world.WorldBatches) and
-the step's timesteps, noise and text dropout come from a generator seeded with (seed, s).
+random is carried between steps: batch `s` is a function of (seed, s) (see world.WorldBatches,
+verifier.VerifierData) and the world generator's timesteps, noise and text dropout come from a
+torch.Generator seeded with (seed, s). Statistics stay on the device between log lines (one host sync per line).
 
 Run folder:
     OUT/train_config.json     the resolved config
-    OUT/log.jsonl             one line per log interval: loss, loss per timestep bin and per
-                              category, lr, speed
+    OUT/log.jsonl             one line per log interval: step, loss, lr, the trainer's statistics
+                              (the generator's: speed, loss per timestep bin and per category),
+                              train_minutes, validation scores (the judges')
     OUT/checkpoint/           model.safetensors, ema.safetensors (fp32, config in metadata),
                               optimizer.pt, state.json (step): what `resume` reads
-    OUT/ema/                  the EMA weights in fp16 + config.json (the shippable model), written
-                              with every checkpoint
-    OUT/samples/step_*.png    validation samples
+    OUT/ema/, OUT/verifier/,  the EMA model's save_pretrained (the shippable weights + config.json;
+    OUT/reflector/            the generator's in fp16), written with every checkpoint
+    OUT/samples/step_*.png    the generator's validation samples
 """
 
 from __future__ import annotations
@@ -201,7 +208,7 @@ def load_checkpoint(out: Path, model: nn.Module, ema: EMA, opt: torch.optim.Opti
     return int(state["step"])
 
 
-def _trim_log(path: Path, step: int) -> None:
+def trim_log(path: Path, step: int) -> None:
     """On resume, drop log lines written after the checkpoint (they will be written again)."""
     if not path.exists():
         return
@@ -210,7 +217,55 @@ def _trim_log(path: Path, step: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# The run folder and the loop
+
+
+def open_run_folder(cfg, write: bool = True) -> Path:
+    """Validate `cfg`, refuse to start over a checkpoint unless resuming, and (with `write`: the
+    main process) make the folder and record the resolved config in OUT/train_config.json."""
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    if (out / "checkpoint").exists() and not cfg.resume:
+        raise ValueError(f"{out} already holds a checkpoint; pass resume=True to continue it or pick another out_dir")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    return out
+
+
+def append_log(out: Path, row: dict) -> None:
+    """One line of OUT/log.jsonl (the run's whole story; `trim_log` cuts it back on resume)."""
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+@dataclass
+class Run:
+    out: Path
+    device: torch.device
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    ema: EMA
+    step: int  # steps done (the checkpoint's on resume); run_loop advances it
+
+
+def start_run(cfg: TrainConfig, model: nn.Module | Callable[[], nn.Module]) -> Run:
+    """Validate, make (or resume) the run folder, put the model (or what `model()` builds, after
+    seeding torch with cfg.seed) on the device, make AdamW (fused on CUDA) and the EMA, and on
+    resume restore all three from OUT/checkpoint."""
+    out = open_run_folder(cfg)
+    dev = resolve_device(cfg.device)
+    if not isinstance(model, nn.Module):
+        torch.manual_seed(cfg.seed)
+        model = model()
+    model.to(dev).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            fused=dev.type == "cuda")
+    ema = EMA(model, cfg.ema_decay)
+    step = load_checkpoint(out, model, ema, opt) if cfg.resume and (out / "checkpoint").exists() else 0
+    trim_log(out / "log.jsonl", step)
+    return Run(out, dev, model, opt, ema, step)
 
 
 @dataclass
@@ -219,108 +274,151 @@ class TrainResult:
     minutes: float  # wall time of this call's training steps (validation excluded)
     last_loss: float
     ema: nn.Module
+    val: dict = field(default_factory=dict)  # the last validation scores (empty without any)
 
 
-Validate = Callable[[int, nn.Module], None]  # (step, EMA model) -> writes samples/scores
+Stats = dict  # name -> float, or a scalar or 1-D tensor (left on its device until the log line)
+BatchLoss = Callable[[object, int], tuple[torch.Tensor, Stats]]  # (batch, step) -> (loss, stats)
+Summarize = Callable[[dict, int, float], dict]  # (stat sums, steps, seconds) -> row fields
+Validate = Callable[[int, nn.Module], dict | None]  # (step, EMA model) -> scores (or files only)
 
 
-def save_ema_model(out: Path, ema: nn.Module) -> None:
-    """The shippable weights: the whole EMA model in fp16 (OUT/ema), loadable with from_pretrained."""
-    ema.save_pretrained(out / "ema")
+def _to_host(sums: dict, device: torch.device) -> dict:
+    """The accumulated sums as floats and lists, with one device-to-host copy for all tensors."""
+    keys = [k for k, v in sums.items() if torch.is_tensor(v)]
+    flat = torch.cat([sums[k].reshape(-1).to(device) for k in keys]).tolist() if keys else []
+    out, i = {}, 0
+    for k, v in sums.items():
+        if torch.is_tensor(v):
+            vals, i = flat[i : i + v.numel()], i + v.numel()
+            out[k] = vals[0] if v.dim() == 0 else vals
+        else:
+            out[k] = v
+    return out
 
 
-def train_flow_model(cfg: TrainConfig, model: nn.Module, batches: Callable[[int], Iterator[Batch]],
-                     validate: Validate | None = None) -> TrainResult:
-    """Train the MMDiT `model` with the rectified-flow loss on `batches(start_step)`; checkpoints
-    (and OUT/ema), logs the loss per timestep bin and per GenEval category (`Batch.tags`), resumes."""
+def mean_stats(sums: dict, n: int, seconds: float) -> dict:
+    """The default row fields: every statistic's mean over the log interval."""
+    return {k: [round(x / n, 5) for x in v] if isinstance(v, list) else round(v / n, 5)
+            for k, v in sums.items() if k != "loss"}
+
+
+def run_loop(cfg: TrainConfig, run: Run, batches: Iterator, batch_loss: BatchLoss, *, export: str,
+             summarize: Summarize | None = None, validate: Validate | None = None,
+             validate_every: int | None = None, desc: str = "train") -> TrainResult:
+    """Train `run` until cfg.max_steps or cfg.max_minutes: warm-up/cosine lr, clip, AdamW, EMA.
+
+    `batch_loss(next(batches), step)` returns the loss and statistics (floats, or tensors summed on
+    their device: the one host sync is at a log line). Every `log_every` steps (and the last)
+    OUT/log.jsonl gets a row: step, loss, lr, `summarize(sums, steps, seconds)` (default: each
+    statistic's mean), train_minutes, and the validation scores of that step. `validate(step, EMA
+    model)` runs at every log line (`validate_every` None) or every `validate_every` steps before
+    the last; its time is off the clock (train_minutes, max_minutes, speeds). Every `ckpt_every`
+    steps, the last, and when the clock stops the run: OUT/checkpoint and OUT/<export> (the EMA
+    model's `save_pretrained`)."""
     from tqdm import tqdm
 
-    cfg.validate()
-    out = Path(cfg.out_dir)
-    if (out / "checkpoint").exists() and not cfg.resume:
-        raise ValueError(f"{out} already holds a checkpoint; pass resume=True to continue it or pick another out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    dev = resolve_device(cfg.device)
-    model.to(dev).train()
+    out, model, opt, ema = run.out, run.model, run.opt, run.ema
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                            fused=dev.type == "cuda")
-    ema = EMA(model, cfg.ema_decay)
-    step = 0
-    if cfg.resume and (out / "checkpoint").exists():
-        step = load_checkpoint(out, model, ema, opt)
-    _trim_log(out / "log.jsonl", step)
-    flow = RectifiedFlow(model, model.tokenizer([""]).to(dev)[0], cfg.text_dropout, cfg.t_mean, cfg.t_std)
-    fwd = torch.compile(model) if cfg.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
-    gen = torch.Generator(device=dev)
-
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not cfg.progress)
-    acc_loss = torch.zeros((), device=dev)
-    acc_bins = torch.zeros(LOSS_BINS, device=dev)
-    acc_counts = torch.zeros(LOSS_BINS, device=dev)
-    acc_tags = torch.zeros(2, len(TAGS), device=dev)  # per-category loss sums and counts
-    acc_n, last_loss, paused = 0, float("nan"), 0.0  # paused: seconds spent validating
+    summarize = summarize or mean_stats
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=desc, unit="step", disable=not cfg.progress)
+    sums: dict = {}
+    n, last_loss, val, paused = 0, float("nan"), {}, 0.0  # paused: seconds spent validating
     t_start = t_log = time.perf_counter()
 
     def minutes() -> float:
         return (time.perf_counter() - t_start - paused) / 60
 
-    it = batches(step)
-    while step < cfg.max_steps and (cfg.max_minutes is None or minutes() < cfg.max_minutes):
-        b = next(it)
-        x0 = to_model_space(b.images.to(dev, non_blocking=True))  # (B, 3, H, W)
-        text = b.text.to(dev, non_blocking=True)  # (B, L)
+    def save() -> None:
+        save_checkpoint(out, model, ema, opt, run.step, cfg)
+        ema.model.save_pretrained(out / export)
+
+    while run.step < cfg.max_steps and (cfg.max_minutes is None or minutes() < cfg.max_minutes):
+        step = run.step
+        batch = next(batches)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        gen.manual_seed(step_seed(cfg.seed, step))
-        with autocast:
-            res = flow.loss(x0, text, generator=gen, model=fwd)
-        res.loss.backward()
+        loss, stats = batch_loss(batch, step)
+        loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(step)
-        step += 1
+        run.step = step = step + 1
         bar.update(1)
-        s, c = loss_by_bin(res.t, res.per_sample, LOSS_BINS)
-        acc_loss += res.loss.detach()
-        acc_bins += s
-        acc_counts += c
-        tags = b.tags.to(dev, non_blocking=True)
-        acc_tags[0].index_add_(0, tags, res.per_sample.detach().float())
-        acc_tags[1].index_add_(0, tags, torch.ones_like(res.per_sample, dtype=torch.float))
-        acc_n += 1
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            last_loss = (acc_loss / acc_n).item()  # the one host sync per interval
-            now = time.perf_counter()
-            row = {"step": step, "loss": round(last_loss, 5), "lr": lr_at(step - 1, cfg),
-                   "img_per_s": round(acc_n * cfg.batch_size / (now - t_log), 1),
-                   "loss_by_t_bin": [round(v, 4) for v in (acc_bins / acc_counts.clamp(min=1)).tolist()],
-                   "loss_by_tag": {t: round(v, 4) for t, v in
-                                   zip(TAGS, (acc_tags[0] / acc_tags[1].clamp(min=1)).tolist())},
-                   "train_minutes": round(minutes(), 3)}
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{row['img_per_s']:.0f}")
-            for acc in (acc_loss, acc_bins, acc_counts, acc_tags):
-                acc.zero_()
-            acc_n, t_log = 0, now
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            save_checkpoint(out, model, ema, opt, step, cfg)
-            save_ema_model(out, ema.model)
-        if validate is not None and step % cfg.sample_every == 0 and step < cfg.max_steps:
+        for k, v in {"loss": loss, **stats}.items():
+            sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
+        n += 1
+        logs = step % cfg.log_every == 0 or step == cfg.max_steps
+        due = logs if validate_every is None else step % validate_every == 0 and step < cfg.max_steps
+        scores = None
+        if validate is not None and due:
             t0 = time.perf_counter()
-            validate(step, ema.model)
+            scores = validate(step, ema.model)
+            model.train()
             paused += time.perf_counter() - t0
             t_log += time.perf_counter() - t0
+            if scores is not None:
+                val = {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
+        if logs:
+            host = _to_host(sums, run.device)  # the one host sync per interval
+            now = time.perf_counter()
+            last_loss = host["loss"] / n
+            row = {"step": step, "loss": round(last_loss, 5), "lr": lr_at(step - 1, cfg),
+                   **summarize(host, n, now - t_log), "train_minutes": round(minutes(), 3),
+                   **(val if scores is not None else {})}
+            append_log(out, row)
+            extra = {"img_s": f"{row['img_per_s']:.0f}"} if "img_per_s" in row else {}
+            bar.set_postfix(loss=f"{last_loss:.4f}", **extra, **{k: f"{v}" for k, v in val.items()})
+            sums, n, t_log = {}, 0, now
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            save()
     bar.close()
-    if step % cfg.ckpt_every and step != cfg.max_steps:  # stopped by the clock: keep what was done
-        save_checkpoint(out, model, ema, opt, step, cfg)
-        save_ema_model(out, ema.model)
-    return TrainResult(step=step, minutes=minutes(), last_loss=last_loss, ema=ema.model)
+    if run.step % cfg.ckpt_every and run.step != cfg.max_steps:  # stopped by the clock: keep what was done
+        save()
+    return TrainResult(step=run.step, minutes=minutes(), last_loss=last_loss, ema=ema.model, val=val)
+
+
+# ----------------------------------------------------------------------------------------------
+# The world generator's flow-matching loss
+
+
+def train_flow_model(cfg: TrainConfig, model: nn.Module, batches: Callable[[int], Iterator[Batch]],
+                     validate: Validate | None = None) -> TrainResult:
+    """Train the MMDiT `model` with the rectified-flow loss on `batches(start_step)` through
+    `run_loop`: logs the loss per timestep bin and per GenEval category (`Batch.tags`), validates
+    every `sample_every` steps, exports OUT/ema, resumes."""
+    run = start_run(cfg, model)
+    dev = run.device
+    flow = RectifiedFlow(model, model.tokenizer([""]).to(dev)[0], cfg.text_dropout, cfg.t_mean, cfg.t_std)
+    fwd = torch.compile(model) if cfg.compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
+    gen = torch.Generator(device=dev)
+
+    def batch_loss(b: Batch, step: int) -> tuple[torch.Tensor, Stats]:
+        x0 = to_model_space(b.images.to(dev, non_blocking=True))  # (B, 3, H, W)
+        text = b.text.to(dev, non_blocking=True)  # (B, L)
+        gen.manual_seed(step_seed(cfg.seed, step))  # timesteps, noise, text dropout: from (seed, step)
+        with autocast:
+            res = flow.loss(x0, text, generator=gen, model=fwd)
+        bin_sum, bin_count = loss_by_bin(res.t, res.per_sample, LOSS_BINS)
+        tags = b.tags.to(dev, non_blocking=True)
+        per = res.per_sample.detach().float()
+        tag_sum = torch.zeros(len(TAGS), device=dev).index_add_(0, tags, per)
+        tag_count = torch.zeros(len(TAGS), device=dev).index_add_(0, tags, torch.ones_like(per))
+        return res.loss, {"bin_sum": bin_sum, "bin_count": bin_count, "tag_sum": tag_sum, "tag_count": tag_count}
+
+    def summarize(sums: dict, n: int, seconds: float) -> dict:
+        def mean(a: str, c: str) -> list[float]:
+            return [round(s / max(k, 1.0), 4) for s, k in zip(sums[a], sums[c])]
+
+        return {"img_per_s": round(n * cfg.batch_size / seconds, 1),
+                "loss_by_t_bin": mean("bin_sum", "bin_count"),
+                "loss_by_tag": dict(zip(TAGS, mean("tag_sum", "tag_count")))}
+
+    return run_loop(cfg, run, batches(run.step), batch_loss, export="ema", summarize=summarize,
+                    validate=validate, validate_every=cfg.sample_every, desc="train")
 
 
 class StepBatches(IterableDataset):

@@ -6,8 +6,9 @@ reflector (the detector versus the prompt, backends/world/oracle.py) writes for 
 ("- Keep the image unchanged." for a correct one). With `--generator` (and `--corrector`), a share
 of every batch comes from a pool of that generator's samples (and the corrector's corrections of
 them), mostly failures, with the oracle's commands on them as targets: the images the reflector
-meets in a search, not only renders. Teacher-forced cross-entropy; checkpoints,
-exact resume and the log as the other trainers; OUT/reflector holds the shippable weights.
+meets in a search, not only renders. Teacher-forced cross-entropy, trained by train/loop.py's loop
+(checkpoints, exact resume and the log as the other world trainers); OUT/reflector holds the
+shippable weights.
 Validation: the share of held-out renders whose decoded commands equal the oracle's exactly.
 """
 
@@ -24,8 +25,7 @@ from ..models.reflector import SIZES, WorldReflector
 from ..world import spec
 from ..world.commands import format_reflection, parse_reflection
 from ..world.detect import detect
-from .judges import run_judge_loop, start_judge_run
-from .loop import StepBatches, TrainConfig
+from .loop import StepBatches, TrainConfig, run_loop, start_run
 from .verifier import build_pool, check_judge_data, flawed_render, harvest_pool
 from .world import DEFAULT_TAG_WEIGHTS, TRAIN_SEED_FLOOR, load_prompt_file, spread
 
@@ -115,7 +115,7 @@ class ReflectorTrainResult:
 
 
 def train_world_reflector(cfg: WorldReflectorConfig) -> ReflectorTrainResult:
-    run = start_judge_run(cfg, lambda: WorldReflector(SIZES[cfg.model_size]()))
+    run = start_run(cfg, lambda: WorldReflector(SIZES[cfg.model_size]()))
     model, dev = run.model, run.device
     pool = held = None
     if cfg.harvest:
@@ -139,19 +139,19 @@ def train_world_reflector(cfg: WorldReflectorConfig) -> ReflectorTrainResult:
             held_fails = (torch.from_numpy(held["images"][idx]), [held["prompts"][i] for i in idx],
                           [held["reflections"][i] for i in idx])
     if val is not None or held_fails is not None:
-        def validate(m) -> dict:
+        def validate(step: int, m) -> dict:
             row = {"val_exact_match": exact_match(m, *val)} if val is not None else {}
             if held_fails is not None:
                 row["held_exact_match"] = exact_match(m, *held_fails)
             return row
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
 
-    def batch_loss(batch):
+    def batch_loss(batch, step: int):
         images, prompts, targets = batch
         with autocast:
             loss = model.loss(images.to(dev), model.tokenizer(prompts).to(dev), model.out_tokenizer(targets).to(dev))
         return loss, {}
 
-    res = run_judge_loop(cfg, run, "reflector", batches, batch_loss, validate)
+    res = run_loop(cfg, run, batches, batch_loss, export="reflector", validate=validate, desc="train reflector")
     return ReflectorTrainResult(step=res.step, minutes=res.minutes, last_loss=res.last_loss,
                                 val_exact=res.val.get("val_exact_match"), ema=run.ema.model)

@@ -9,8 +9,8 @@ evaluator's verdict on the rendered pixels, so a planted flaw that happens not t
 object of an unnamed class) is labelled yes, as the evaluator says.
 
 Batch `s` is a function of (seed, s) and the pool, so a resumed run sees exactly the batches the
-interrupted one would have. Run folder as train/loop.py's: train_config.json, log.jsonl,
-checkpoint/ (exact resume), and OUT/verifier (the shippable weights, with every checkpoint).
+interrupted one would have. Trained by train/loop.py's loop, its run folder: train_config.json,
+log.jsonl, checkpoint/ (exact resume), and OUT/verifier (the shippable weights, with every checkpoint).
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ from ..world.evaluate import evaluate_image
 from ..world.flaws import FLAW_KINDS, plant_flaw
 from ..world.render import render, sample_scene
 from .corrector_pool import check_harvests, load_harvests
-from .judges import run_judge_loop, start_judge_run
-from .loop import StepBatches, TrainConfig
+from .loop import StepBatches, TrainConfig, run_loop, start_run
 from .world import DEFAULT_TAG_WEIGHTS, TRAIN_SEED_FLOOR, generate_images, load_prompt_file, spread
 
 TRAIN_HINT = "reflectionflow train world-verifier --out RUN (weights in RUN/verifier)"
@@ -317,7 +316,7 @@ class VerifierTrainResult:
 
 
 def train_world_verifier(cfg: WorldVerifierConfig) -> VerifierTrainResult:
-    run = start_judge_run(cfg, lambda: WorldVerifier(SIZES[cfg.model_size]()))
+    run = start_run(cfg, lambda: WorldVerifier(SIZES[cfg.model_size]()))
     model, dev = run.model, run.device
     held = None
     if cfg.harvest:
@@ -331,24 +330,24 @@ def train_world_verifier(cfg: WorldVerifierConfig) -> VerifierTrainResult:
     val = validation_set(cfg) if cfg.val_size else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
 
-    def batch_loss(batch):
+    def batch_loss(batch, step: int):
         images, prompts, labels = batch
         labels = labels.to(dev)
         with autocast:
             logits = fwd(images.to(dev), model.tokenizer(prompts).to(dev))  # (B,)
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
-        right = float(((logits.detach() > 0).float() == labels).float().mean())
-        return loss, {"train_accuracy": right, "yes_share": float(labels.mean())}
+        right = ((logits.detach() > 0).float() == labels).float().mean()
+        return loss, {"train_accuracy": right, "yes_share": labels.mean()}
 
-    def validate(m) -> dict:
+    def validate(step: int, m) -> dict:
         row = {"val_accuracy": accuracy(m, *val)} if val is not None else {}
         if held is not None:
             s = held_out_scores(m, held)
             row.update(held_accuracy=s["accuracy"], held_auc=s["auc"] or 0.0, held_ece=s["ece"])
         return row
 
-    res = run_judge_loop(cfg, run, "verifier", batches, batch_loss,
-                         validate if (val is not None or held is not None) else None)
+    res = run_loop(cfg, run, batches, batch_loss, export="verifier", desc="train verifier",
+                   validate=validate if (val is not None or held is not None) else None)
     scores = None
     if held is not None:
         # Calibration: one temperature on the held-out searches, so that P(yes) means what it says

@@ -6,7 +6,7 @@ tuning of a Qwen2-VL-family model, and one accelerate loop: bf16, gradient check
 gradient accumulation, several GPUs and nodes (DDP), warm-up/cosine lr (train/loop.lr_at),
 validation every `val_every` steps, checkpoints with exact resume, tensorboard when installed.
 
-Run folder (as the world's trainers: train/judges.open_run_folder, append_log):
+Run folder (as the world's trainers: train/loop.open_run_folder, append_log):
     OUT/train_config.json   the resolved config (also inside the checkpoint)
     OUT/log.jsonl           one line per log interval and per validation
     OUT/tb/                 tensorboard events (only if tensorboard is importable)
@@ -34,8 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..data.genref import SUBSETS
-from .judges import append_log, open_run_folder
-from .loop import _trim_log, lr_at, step_seed
+from .loop import append_log, lr_at, open_run_folder, step_seed, trim_log
 
 # Linear layers of the language model only: the vision tower's MLP has layers of the same names.
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -396,7 +395,7 @@ def start_vlm_run(cfg: VLMTrainConfig, build_model: Callable, make_source: Calla
     if cfg.resume and ck.exists():
         step = load_vlm_checkpoint(ck, model, opt, source, acc.process_index, acc.num_processes)
     if acc.is_main_process:
-        _trim_log(out / "log.jsonl", step)
+        trim_log(out / "log.jsonl", step)
     model, opt = acc.prepare(model, opt)
     tb = None
     if acc.is_main_process:
