@@ -14,17 +14,16 @@ Each helper adds the flag to a parser or group with the shared name, values, def
 from __future__ import annotations
 
 import argparse
-import re
 
+from .runtime import DEVICES, is_device_name  # (no torch at import)
 from .stats import RESAMPLES
 
-DEVICES = "auto, cpu, cuda, cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def device(text: str) -> str:
     """An argparse type: auto, cpu, cuda or cuda:N."""
-    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+    if is_device_name(text):
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is not a device; accepted: {DEVICES}")
 

@@ -88,8 +88,7 @@ class Builder:
 
     def __init__(self, cfg: BuildConfig, generator):
         from ..backends.world.refine import RuleRefiner
-        from ..train.corrector_pool import POOL_TAG_WEIGHTS
-        from ..train.world import DEFAULT_TAG_WEIGHTS
+        from ..world.data import DEFAULT_TAG_WEIGHTS, POOL_TAG_WEIGHTS
 
         self.cfg, self.generator = cfg, generator
         self.hard_tags, self.all_tags = POOL_TAG_WEIGHTS, DEFAULT_TAG_WEIGHTS
@@ -101,9 +100,9 @@ class Builder:
         return self.refiner.refine([RefineRequest(original_prompt=prompt, current_prompt=prompt)])[0].text
 
     def editing(self, i: int) -> Triplet:
-        from ..train.corrector_pool import label_one
         from ..world.flaws import FLAW_KINDS, plant_flaw
         from ..world.render import render, sample_scene
+        from .labels import label_one
 
         for attempt in range(MAX_ATTEMPTS * 4):
             rng = seeded_rng(self.cfg.seed, i, 1, attempt)
@@ -125,7 +124,7 @@ class Builder:
         """Triplets of the generator sources for (index, source) pairs, trying fresh prompt draws
         (attempt j of sample i: prompt and seeds from (seed, i, j)) until each finds its pair."""
         from ..components import GenerationRequest
-        from ..train.corrector_pool import label_images
+        from .labels import label_images
 
         k, done = self.cfg.samples_per_prompt, {}
         todo = list(items)

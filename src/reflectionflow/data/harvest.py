@@ -130,8 +130,8 @@ class HarvestConfig:
 def training_prompts(n: int, seed: int, tag_weights: dict) -> list[dict]:
     """`n` prompts split over the categories by weight, GenEval-Shapes and its validation prompts
     drawn last (so only where a category has no other prompts)."""
-    from ..train.world import load_prompt_file
     from ..world import spec
+    from ..world.data import load_prompt_file
 
     total = sum(tag_weights.get(t, 0.0) for t in spec.TAGS)
     raw = {t: n * tag_weights.get(t, 0.0) / total for t in spec.TAGS}
@@ -228,7 +228,7 @@ def validation_samples(cfg: HarvestConfig) -> tuple[list[dict], np.ndarray]:
     validation failures and passes, as its own pool has them."""
     from ..components import GenerationRequest, build
     from ..engine.backends import get_backend
-    from ..train.world import load_prompt_file, spread
+    from ..world.data import load_prompt_file, spread
 
     if not cfg.val_prompts:
         return [], np.zeros((0, 64, 64, 3), np.uint8)
@@ -252,8 +252,8 @@ def validation_samples(cfg: HarvestConfig) -> tuple[list[dict], np.ndarray]:
 def label_harvest(cfg: HarvestConfig, rows: list[dict], images: np.ndarray, val_rows: list[dict],
                   val_images: np.ndarray) -> dict:
     """Label everything and write OUT/pool (pool.json last), OUT/verifier_pairs.jsonl, OUT/genref."""
-    from ..train.corrector_pool import POOL_FORMAT, default_workers, label_images
     from ..world import spec
+    from .labels import POOL_FORMAT, default_workers, label_images
 
     workers = cfg.label_workers or default_workers()
     metas = [spec.parse_prompt(r["prompt"]) for r in rows]

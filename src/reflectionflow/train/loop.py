@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..models.flow import RectifiedFlow, loss_by_bin
+from ..runtime import DEVICES, check_device, resolve_device, to_model_space, to_uint8  # noqa: F401
 from ..world.spec import TAGS
 
 LOSS_BINS = 10
@@ -99,16 +100,6 @@ class Batch:
     tags: torch.Tensor  # (B,) int64 index into world.spec.TAGS, for logging
 
 
-def to_model_space(images: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
-    return images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 on the CPU."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -142,27 +133,6 @@ class EMA:
         torch._foreach_lerp_(list(ema), [p.detach().float() for p in cur], 1 - d)
 
 
-DEVICES = "auto, cpu, cuda, cuda:N"
-
-
-def check_device(name: str, flag: str = "--device") -> None:
-    """ValueError (one line naming the flag and what is accepted) unless `name` is a device this
-    trainer can use on this machine."""
-    import re
-
-    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", name):
-        raise ValueError(f"{flag} {str(name)[:40]!r}: not a device; accepted: {DEVICES}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"{flag} {name}: no CUDA device on this machine; accepted here: auto, cpu")
-    if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
-        raise ValueError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
-def resolve_device(name: str) -> torch.device:
-    check_device(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------------------------

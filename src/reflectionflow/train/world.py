@@ -29,14 +29,12 @@ from ..models.mmdit import SIZES, MMDiT, count_parameters
 from ..models.text import Tokenizer
 from ..world import spec
 from ..world.captions import CaptionMix, scene_caption
+from ..world.data import DEFAULT_TAG_WEIGHTS, load_prompt_file, spread  # noqa: F401  (the trainers' names)
 from ..world.render import render, sample_scene
 from .loop import Batch, StepBatches, TrainConfig, TrainResult, resolve_device, to_uint8, train_flow_model
 
 TRAIN_SEED_FLOOR = 2**40
 CAPTION_SALT = 0x9E3779B97F4A7C15  # a caption's draws: seeded by its scene's seed, apart from the scene's
-# Harder categories get more of the data; every category keeps a share (GenEval weighs them equally).
-DEFAULT_TAG_WEIGHTS = {"single_object": 0.10, "two_object": 0.15, "counting": 0.20, "colors": 0.10,
-                       "position": 0.20, "color_attr": 0.25}
 DATA_DIR = Path(spec.__file__).parent / "data"
 
 
@@ -118,19 +116,6 @@ def world_batches(cfg: WorldTrainConfig, tokenizer: Tokenizer):
 
 # ----------------------------------------------------------------------------------------------
 # Sampling and scoring
-
-
-def load_prompt_file(name: str) -> list[dict]:
-    """A prompt set shipped with the world (geneval_shapes.jsonl: the benchmark; *_val: validation)."""
-    return spec.load_metadata_file(DATA_DIR / name)
-
-
-def spread(metas: Sequence[dict], n: int) -> list[dict]:
-    """n prompts taken evenly through a category-ordered file, so every category is represented."""
-    if n >= len(metas):
-        return list(metas)
-    idx = np.linspace(0, len(metas) - 1, n).round().astype(int)
-    return [metas[i] for i in idx]
 
 
 @torch.no_grad()

@@ -100,11 +100,10 @@ def meta_transformer(folder: FluxFolder):
 
 
 def resolve_device(device: str = "auto") -> str:
-    import torch
+    """The device name to load on ("auto": cuda when there is one); one-line ValueError otherwise."""
+    from ...runtime import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return str(resolve(device))
 
 
 def resolve_dtype(dtype: str, device: str):

@@ -46,7 +46,7 @@ class LearnedVerifier(Verifier):
 
     def __init__(self, **options):
         from ...models.verifier import WorldVerifier
-        from ...train.loop import resolve_device
+        from ...runtime import resolve_device
 
         self.opt: LearnedVerifierOptions = _options(LearnedVerifierOptions, options, self.who)
         self.model = WorldVerifier.from_pretrained(self.opt.weights, device=resolve_device(self.opt.device))
@@ -85,7 +85,7 @@ class LearnedReflector(Reflector):
 
     def __init__(self, **options):
         from ...models.reflector import WorldReflector
-        from ...train.loop import resolve_device
+        from ...runtime import resolve_device
 
         self.opt: LearnedReflectorOptions = _options(LearnedReflectorOptions, options, self.who)
         self.model = WorldReflector.from_pretrained(self.opt.weights, device=resolve_device(self.opt.device))

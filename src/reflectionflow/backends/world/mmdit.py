@@ -297,7 +297,7 @@ class _Sampler:
         import torch
 
         from ...models.flow import RectifiedFlow
-        from ...train.loop import resolve_device
+        from ...runtime import resolve_device
 
         self.opt = opt
         self.device = resolve_device(opt.device)
@@ -323,7 +323,7 @@ class _Sampler:
         previous image, model space) noised to the grid's time at step (1 - strength) x steps."""
         import torch
 
-        from ...train.loop import to_uint8
+        from ...runtime import to_uint8
 
         text = self.model.tokenizer(texts).to(self.device)
         cond = None if cond is None else cond.to(self.device)
@@ -400,7 +400,7 @@ class MMDiTCorrector(Corrector):
     def correct(self, requests: Sequence[CorrectionRequest]) -> list[GenerationResult]:
         import torch
 
-        from ...train.loop import to_model_space
+        from ...runtime import to_model_space
 
         out: list[GenerationResult] = []
         tok = self.model.tokenizer

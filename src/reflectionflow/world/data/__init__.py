@@ -15,6 +15,7 @@ Regenerate the two world files (byte-identical) with:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..spec import load_metadata_file, sample_prompts
@@ -27,6 +28,32 @@ FILES = {
     "geneval-shapes-val": HERE / "geneval_shapes_val.jsonl",
     "geneval": HERE / "geneval_metadata.jsonl",
 }
+
+
+# Category weights the world's trainers and data builders draw prompts by. Harder categories get
+# more of the data; every category keeps a share (GenEval weighs them equally).
+DEFAULT_TAG_WEIGHTS = {"single_object": 0.10, "two_object": 0.15, "counting": 0.20, "colors": 0.10,
+                       "position": 0.20, "color_attr": 0.25}
+# The generator fails mostly on two objects, counting and position (weights/world-generator):
+# pool prompts (and world GenRef's generator sources) are drawn there, so more samples fail.
+POOL_TAG_WEIGHTS = {"single_object": 0.04, "two_object": 0.32, "counting": 0.22, "colors": 0.04,
+                    "position": 0.30, "color_attr": 0.08}
+
+
+def load_prompt_file(name: str) -> list[dict]:
+    """A prompt set shipped with the world (geneval_shapes.jsonl: the benchmark; *_val: validation)."""
+    return load_metadata_file(HERE / name)
+
+
+def spread(metas: Sequence[dict], n: int) -> list[dict]:
+    """n prompts taken evenly through a category-ordered file, so every category is represented."""
+    if n >= len(metas):
+        return list(metas)
+    import numpy as np
+
+    idx = np.linspace(0, len(metas) - 1, n).round().astype(int)
+    return [metas[i] for i in idx]
+
 
 
 def benchmark_path(name: str) -> Path:
