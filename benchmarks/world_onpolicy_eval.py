@@ -26,12 +26,13 @@ import torch
 from reflectionflow.backends.world.learned import LearnedReflector
 from reflectionflow.backends.world.mmdit import MMDiTCorrector
 from reflectionflow.backends.world.oracle import OracleReflector
-from reflectionflow.components import CorrectionRequest, ReflectionRequest
+from reflectionflow.components import ReflectionRequest
 from reflectionflow.io import load_png
 from reflectionflow.train.corrector_pool import KEEP, label_images
 from reflectionflow.train.verifier import calibration_error, roc_auc
 from reflectionflow.world.commands import parse_reflection
 from reflectionflow.world.evaluate import evaluate_image
+from world_onpolicy_compare import correct  # benchmarks/: one correction per image, batched
 
 KIND = {"noise": "noise", "neighbour": "noise", "prompt": "refined", "correct": "corrected"}
 
@@ -51,15 +52,6 @@ def read_run(folder: Path) -> tuple[list[dict], list[dict], np.ndarray]:
                          "seed": rec["seed"], "order": rec["order"]})
             images.append(load_png(pdir / rec["file"]))
     return metas, rows, np.stack(images)
-
-
-def correct(corrector, images, prompts, reflections, seed0: int) -> np.ndarray:
-    out = []
-    for i in range(0, len(images), 1024):
-        reqs = [CorrectionRequest(image=images[j], prompt=prompts[j], reflection=reflections[j], seed=seed0 + j)
-                for j in range(i, min(i + 1024, len(images)))]
-        out += [np.asarray(r.image) for r in corrector.correct(reqs)]
-    return np.stack(out) if out else np.zeros((0, 64, 64, 3), np.uint8)
 
 
 def main() -> int:
