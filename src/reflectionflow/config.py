@@ -13,6 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .runtime import is_int
+
 METHODS: tuple[str, ...] = ("noise", "zero-order", "prompt", "reflection")
 REALLOCATE: tuple[str, ...] = ("none", "chains", "prompts")
 COMPONENT_KINDS: tuple[str, ...] = ("generator", "verifier", "reflector", "refiner", "corrector")
@@ -146,8 +148,7 @@ LIMITS = {
 
 def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> None:
     flag = "--" + name.replace("_", "-")
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
-            maximum is not None and value > maximum):
+    if not is_int(value, minimum, maximum):
         accepted = f"an integer in {minimum}..{maximum}" if maximum is not None else f"an integer >= {minimum}"
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
         raise ConfigError(f"{name} ({flag}) must be {accepted}, got {shown}")

@@ -52,3 +52,23 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+# Number checks: what every config's validation asks of a value (a bool is never a number here).
+
+
+def is_int(value: object, minimum: int | None = None, maximum: int | None = None) -> bool:
+    """`value` is an int (not a bool) within [minimum, maximum] (either bound may be None)."""
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and (minimum is None or value >= minimum) and (maximum is None or value <= maximum))
+
+
+def is_number(value: object, minimum: float | None = None, maximum: float | None = None, *,
+              above: float | None = None) -> bool:
+    """`value` is a finite int or float (not a bool) within [minimum, maximum], and > `above` if given."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return ((minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+            and (above is None or value > above))

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime import is_int
+
 FORMAT = "reflectionflow-world-harvest/1"
 HARVEST_METHODS = ("noise", "prompt", "reflection")
 # Where the search spends its effort and fails: two objects, counting, position; every category
@@ -102,13 +104,13 @@ class HarvestConfig:
         for name, lo in (("round", 1), ("prompts", 1), ("budget", 2), ("processes", 1), ("batch_size", 1),
                          ("prompt_batch", 1), ("val_samples", 1), ("shard_size", 1)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            if not is_int(v, lo):
                 raise HarvestError(f"{name} must be an integer >= {lo}, got {v!r}")
         for name in ("val_prompts", "label_workers", "prompt_seed"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if not is_int(v, 0):
                 raise HarvestError(f"{name} must be an integer >= 0, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 1:
+        if not is_int(self.seed, 1):
             raise HarvestError(f"seed must be an integer >= 1 (0 is the benchmarks' run seed), got {self.seed!r}")
         unknown = sorted(set(self.components) - set(COMPONENT_KINDS))
         if unknown:

@@ -39,6 +39,8 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
+from ..runtime import is_int
+
 T = TypeVar("T")
 
 # Rendezvous: every process must join within this (a launcher that started fewer processes than it
@@ -106,7 +108,7 @@ class DistContext:
     def __post_init__(self):
         for name in ("rank", "world_size", "local_rank"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "world_size" else 0):
+            if not is_int(v, 1 if name == "world_size" else 0):
                 raise DistributedError(f"{name} must be an integer >= {1 if name == 'world_size' else 0}, got {v!r}")
         if self.rank >= self.world_size:
             raise DistributedError(f"rank {self.rank} is not below world_size {self.world_size}")

@@ -27,6 +27,7 @@ import numpy as np
 from ..config import ConfigError, RunConfig
 from ..plots import Series, curve_chart, format_estimate
 from ..runs import RunFolder
+from ..runtime import is_int
 from ..stats import MIN_N, RESAMPLES, interval, strata_of, stratified_bootstrap
 from .candidates import Candidate, best
 from .distributed import DistContext
@@ -66,7 +67,7 @@ def check_sweep(methods: list[str], verifiers: list[str], budget: int) -> None:
         raise ConfigError("--verifiers: give at least one verifier name")
     if len(set(methods)) != len(methods) or len(set(verifiers)) != len(verifiers):
         raise ConfigError("--methods / --verifiers: a name is repeated")
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+    if not is_int(budget, 1):
         raise ConfigError(f"--budget must be an integer >= 1, got {budget!r}")
 
 

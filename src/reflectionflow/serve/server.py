@@ -69,6 +69,7 @@ from ..backends.vlm import prompts as P
 from ..components import PromptRefiner, RefineRequest, ReflectionRequest, Reflector, Verdict, Verifier
 from ..io import MAX_IMAGE_BYTES, ImageError
 from ..io import decode_image as _decode
+from ..runtime import is_int, is_number
 
 WORLD_SIZE = 64
 MAX_BODY = 16 * 1024 * 1024  # one request's body at most: a FLUX-size PNG is about 2 MB
@@ -160,10 +161,10 @@ class BatchOptions:
     max_wait_ms: float = 0.0  # after a batch's first request, wait this long for more (0: take what is waiting)
 
     def check(self) -> None:
-        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+        if not is_int(self.max_batch, 1):
             raise ServeError(f"max_batch must be an integer >= 1 (1: no batching), got {self.max_batch!r}")
         wait = self.max_wait_ms
-        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_MS:
+        if not is_number(wait, 0, MAX_WAIT_MS):
             raise ServeError(f"max_wait_ms must be a number of milliseconds in 0..{MAX_WAIT_MS}, got {wait!r}")
 
 
@@ -410,7 +411,7 @@ class JudgeService:
         if not isinstance(body, dict):
             raise ServeError("the body must be a JSON object")
         k = body.get("top_logprobs")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS):
+        if k is not None and not is_int(k, 0, MAX_TOP_LOGPROBS):
             raise ServeError(f"top_logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {str(k)[:40]!r}")
         text, urls = _content(body.get("messages"))
         fields = P.parse_fields(text)
@@ -615,7 +616,7 @@ class JudgeServer(HTTPServer):
                  hook: Hook | None = None, log: bool = False, workers: int = 64, backlog: int = 64,
                  request_timeout: float = 30.0, idle_timeout: float = 10.0, max_body: int = MAX_BODY):
         for name, v in (("workers", workers), ("backlog", backlog)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "workers" else 0):
+            if not is_int(v, 1 if name == "workers" else 0):
                 raise ServeError(f"{name} must be an integer >= {1 if name == 'workers' else 0}, got {v!r}")
         for name, v in (("request_timeout", request_timeout), ("idle_timeout", idle_timeout)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..data.genref import SUBSETS
+from ..runtime import is_int
 from .loop import append_log, lr_at, open_run_folder, step_seed, trim_log
 
 # Linear layers of the language model only: the vision tower's MLP has layers of the same names.
@@ -95,7 +96,7 @@ class VLMTrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "val_every", "ckpt_every", "lora_rank",
                      "max_length", "buffer_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v, 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if self.val_size < 0 or self.warmup_steps < 0:
             raise ValueError("val_size and warmup_steps must be >= 0")

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from ..models.flow import RectifiedFlow
 from ..models.mmdit import SIZES, MMDiT, count_parameters
 from ..models.text import Tokenizer
+from ..runtime import is_number
 from ..world import spec
 from ..world.captions import CaptionMix, scene_caption
 from ..world.data import DEFAULT_TAG_WEIGHTS, load_prompt_file, spread  # noqa: F401  (the trainers' names)
@@ -59,7 +60,7 @@ class WorldTrainConfig(TrainConfig):
             if bad:
                 raise ValueError(f"caption_mix has unknown keys {bad}; accepted: {', '.join(sorted(known))}")
             for k, v in self.caption_mix.items():
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                if not is_number(v, 0.0, 1.0):
                     raise ValueError(f"caption_mix {k} must be a probability in [0, 1], got {v!r}")
             self.caption_mix = {**asdict(CaptionMix()), **self.caption_mix}
             if self.caption_mix["template"] + self.caption_mix["combined"] > 1.0:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from ...components import KINDS, ComponentError
 from ...flags import add_device, add_dtype
+from ...runtime import is_int, is_number
 from ..vlm.options import DEFAULT_KEY_ENV, VLMOptions, refuse_credentials
 from . import DEFAULTS
 from .loading import FluxFolder, FluxPathError, check_flux_folder, meta_transformer
@@ -247,13 +248,13 @@ def options_from_dict(d: Mapping, who: str = "flux backend") -> FluxBackendOptio
 
 
 def _int(name: str, value, minimum: int, multiple: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value % multiple:
+    if not is_int(value, minimum) or value % multiple:
         extra = f" and a multiple of {multiple}" if multiple > 1 else ""
         raise FluxOptionsError(f"--{name.replace('_', '-')} must be an integer >= {minimum}{extra}, got {value!r}")
 
 
 def _float(name: str, value, minimum: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+    if not is_number(value, minimum):
         raise FluxOptionsError(f"--{name.replace('_', '-')} must be a number >= {minimum}, got {value!r}")
 
 
@@ -292,7 +293,7 @@ def validate_options(options: FluxBackendOptions, kinds: Sequence[str] = KINDS,
     if options.clip_text not in ("prompt", "full"):
         raise FluxOptionsError(f"--clip-text {options.clip_text!r}; accepted: prompt, full")
     strength = options.corrector_strength
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+    if not is_number(strength, maximum=1.0, above=0.0):
         raise FluxOptionsError(f"--corrector-strength must be a number in (0, 1], got {strength!r}")
     if options.corrector_cond_attention not in ("full", "causal_kv"):
         raise FluxOptionsError(f"--corrector-cond-attention {options.corrector_cond_attention!r}; "

@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ... import redact
+from ...runtime import is_number
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 MAX_ANSWER = 16 * 1024 * 1024  # bytes of one answer at most (a chat completion is a few KB)
@@ -375,7 +376,7 @@ def _count(usage: dict, name: str) -> int:
     v = usage.get(name)
     if v is None:
         return 0
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or v > 1e12:
+    if not is_number(v, 0, 1e12):
         raise _CallFailed("malformed", f"usage.{name} is not a token count ({str(v)[:40]!r})", True)
     return int(v)
 

@@ -10,6 +10,7 @@ import ipaddress
 import urllib.parse
 from dataclasses import dataclass, field, fields
 
+from ...runtime import is_int
 from .client import ChatClient, VLMError, _CallFailed, normalize_base_url, safe_url
 from .judges import REFLECTOR_STYLES
 
@@ -50,11 +51,11 @@ class VLMOptions:
             raise VLMError("the VLM components need --vlm-model (e.g. gpt-4o, Qwen/Qwen2.5-VL-7B-Instruct)")
         if self.reflector_style not in REFLECTOR_STYLES:
             raise VLMError(f"--vlm-reflector-style {self.reflector_style!r}; accepted: {', '.join(REFLECTOR_STYLES)}")
-        if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int) or self.concurrency < 1:
+        if not is_int(self.concurrency, 1):
             raise VLMError(f"--vlm-concurrency must be an integer >= 1, got {self.concurrency!r}")
         if not isinstance(self.timeout, (int, float)) or self.timeout <= 0:
             raise VLMError(f"--vlm-timeout must be > 0 seconds, got {self.timeout!r}")
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+        if not is_int(self.retries, 0):
             raise VLMError(f"--vlm-retries must be an integer >= 0, got {self.retries!r}")
         host = urllib.parse.urlsplit(self.url).hostname or ""
         if self.api_key is None and (self.api_key_env_explicit or host in KEYED_HOSTS):

@@ -13,6 +13,7 @@ import json
 import re
 
 from ...components import Verdict
+from ...runtime import is_number
 
 TASK_YESNO = "Task: answer yes or no."
 TASK_SCORE = "Task: score the image against the prompt."
@@ -176,7 +177,7 @@ def parse_score(text: str) -> tuple[dict | None, str | None]:
         return None, f"field(s) {', '.join(missing)} missing"
     for k in SCORE_FIELDS:
         v = obj[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10:
+        if not is_number(v, 0, 10):
             return None, f"field {k} must be a number from 0 to 10, got {v!r}"
     if not isinstance(obj["explanation"], str):
         return None, "field explanation must be a string"

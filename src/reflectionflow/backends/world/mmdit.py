@@ -45,6 +45,7 @@ from ...components import (
     Generator,
     register,
 )
+from ...runtime import is_int, is_number
 from ...shipped import WEIGHTS_DIR  # the package's weights/, found through importlib.resources
 
 if TYPE_CHECKING:
@@ -232,11 +233,11 @@ class SamplerOptions:
     def check(self, who: str) -> None:
         for name in ("steps", "batch_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v, 1):
                 raise ComponentError(f"{who}: option {name} must be an integer >= 1, got {v!r}")
         for name in ("guidance", "shift"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            if not is_number(v, above=0):
                 raise ComponentError(f"{who}: option {name} must be a number > 0, got {v!r}")
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             raise ComponentError(f"{who}: option device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
@@ -262,7 +263,7 @@ class MMDiTCorrectorOptions(SamplerOptions):
     def check(self, who: str) -> None:
         super().check(who)
         v = self.strength
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0):
+        if v is not None and not is_number(v, maximum=1.0, above=0.0):
             raise ComponentError(f"{who}: option strength must be a number in (0, 1], got {v!r}")
 
 

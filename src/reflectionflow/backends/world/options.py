@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ...components import ComponentError
+from ...runtime import is_number
 
 
 def build_options(cls, options: dict, who: str):
@@ -20,7 +21,7 @@ def build_options(cls, options: dict, who: str):
         if f.name in ("difficulty_spread", "prompt_help") and (not number or v < 0):
             raise ComponentError(f"{who}: option {f.name} must be a number >= 0, got {v!r}")
         if f.name.startswith("p_"):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+            if not is_number(v, 0.0, 1.0):
                 raise ComponentError(f"{who}: option {f.name} must be a probability in [0, 1], got {v!r}")
     return opt
 
