@@ -40,12 +40,6 @@ def register(secret: str | None) -> None:
             _secrets.add(secret)
 
 
-def forget_all() -> None:
-    """Drop the registered values (tests)."""
-    with _lock:
-        _secrets.clear()
-
-
 def scrub(text: str) -> str:
     """`text` with every registered secret and every key-shaped token replaced by [redacted]."""
     if not text:

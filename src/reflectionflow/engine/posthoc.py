@@ -10,7 +10,7 @@ comparison runs each budget separately; the curve shows where the images of one 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runs import RunFolder
@@ -94,7 +94,3 @@ def _evaluator(metas: dict[int, dict | None]):
 
 def _mean(xs: list[float]) -> float | None:
     return float(sum(xs) / len(xs)) if xs else None
-
-
-def curve_dicts(points: list[CurvePoint]) -> list[dict]:
-    return [asdict(p) for p in points]

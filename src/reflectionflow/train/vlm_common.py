@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import random
 import shutil
 import time
@@ -574,10 +573,6 @@ def reduce_sums(acc, values: list[float]) -> list[float]:
     """Element-wise sums over processes (validation counts)."""
     t = torch.tensor(values, dtype=torch.float64, device=acc.device)
     return acc.reduce(t, "sum").tolist() if acc.num_processes > 1 else t.tolist()
-
-
-def finite_or_nan(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")
 
 
 def data_sources(cfg, maker, read_lines: Callable[[str, str], list[dict]]):

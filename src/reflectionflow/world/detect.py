@@ -56,11 +56,6 @@ def foreground(image: np.ndarray) -> np.ndarray:
     return np.abs(img - _BG).max(axis=-1) > FG_THRESHOLD
 
 
-def _band_width(mask: np.ndarray, lo: float, hi: float) -> float:
-    """Mean filled fraction of the rows between fractions lo..hi of the height."""
-    h = mask.shape[0]
-    a, b = int(np.floor(lo * h)), max(int(np.ceil(hi * h)), int(np.floor(lo * h)) + 1)
-    return float(mask[a:b].mean())
 
 
 def solidity(mask: np.ndarray) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
@@ -26,7 +26,6 @@ from .spec import (
     MAX_SIZE,
     MIN_GAP,
     MIN_SIZE,
-    scene_requirements,
 )
 
 SUPERSAMPLE = 4
@@ -256,11 +255,3 @@ def render_batch(metas: Sequence[dict], seeds: Sequence[int]) -> np.ndarray:
     for i, (m, s) in enumerate(zip(metas, seeds)):
         render(sample_scene(m, random.Random(s)), out=out[i])
     return out
-
-
-def requirements_of(meta: dict) -> list:
-    return scene_requirements(meta)
-
-
-def with_changes(o: Obj, **kw) -> Obj:
-    return replace(o, **kw)

@@ -261,10 +261,6 @@ def add_lora(transformer: nn.Module, rank: int = 32, alpha: float = 32.0,
     return names
 
 
-def has_lora(transformer: nn.Module) -> bool:
-    return any(isinstance(m, ConditionLoRALinear) for m in transformer.modules())
-
-
 def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters in the released file's key layout (`transformer.<module>.lora_A.weight`)."""
     out = {}
