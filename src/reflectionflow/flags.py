@@ -60,3 +60,19 @@ def names(kind: str) -> str:
     from . import components
 
     return ", ".join(components.names(kind))
+
+
+def name_weights(text: str, names: str = "NAME", accepted: tuple[str, ...] = ()) -> dict[str, float]:
+    """'a=0.1,b=0.2' -> {'a': 0.1, 'b': 0.2}: the NAME=WEIGHT lists several commands take (category
+    weights, GenRef source mixes); argparse.ArgumentTypeError when a part is not NAME=NUMBER."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            of = f" with {names} one of {', '.join(accepted)}" if accepted else ""
+            raise argparse.ArgumentTypeError(f"expected {names}=WEIGHT[,{names}=WEIGHT...]{of}, got {text!r}")
+    return out

@@ -419,16 +419,9 @@ def build_genref(cfg: BuildConfig, progress: bool = True, dist=None, secrets: Ma
 
 
 def _mix(text: str) -> dict:
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise argparse.ArgumentTypeError(f"expected SOURCE=WEIGHT[,...] with sources {', '.join(SOURCES)}")
-    return out
+    from ..flags import name_weights
+
+    return name_weights(text, "SOURCE", SOURCES)
 
 
 BUILD_DESCRIPTION = """Build GenRef-wds shards and GenRef-CoT records from the four sources: rule (a prompt's failed vs

@@ -32,16 +32,9 @@ TRAIN_COMMAND_MODULES: tuple[str, ...] = (
 
 def _mapping(text: str) -> dict:
     """'a=0.1,b=0.2' -> {'a': 0.1, 'b': 0.2}."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
-        try:
-            out[key.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT[,NAME=WEIGHT...], got {text!r}")
-    return out
+    from ..flags import name_weights
+
+    return name_weights(text)
 
 
 def _names(text: str) -> tuple[str, ...]:
