@@ -192,6 +192,9 @@ def run_searches(cfg: HarvestConfig) -> dict[str, float]:
                 raise HarvestError(f"the {m} search failed (exit {proc.returncode}): {tail[0]} "
                                    f"(whole log: {root / f'{m}.log'}; --resume continues it)")
             seconds[m] = round(time.perf_counter() - t0, 1)
+            if cfg.progress:
+                print(f"harvest: the {m} search is done ({seconds[m]} s; {len(todo) + len(running)} to go)",
+                      file=sys.stderr, flush=True)
     return seconds
 
 
@@ -357,11 +360,17 @@ def harvest(cfg: HarvestConfig) -> dict:
         atomic_write_text(out / "prompts.jsonl", "".join(json.dumps(m) + "\n" for m in metas))
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
+    if cfg.progress:
+        print(f"harvest: searching {cfg.prompts} prompts with {', '.join(cfg.methods)} at budget {cfg.budget} "
+              f"({cfg.processes} at once; logs in {out / 'search'})", file=sys.stderr, flush=True)
     seconds = run_searches(cfg)
     t1 = time.perf_counter()
     rows, images = read_candidates(cfg)
     val_rows, val_images = validation_samples(cfg)
     t2 = time.perf_counter()
+    if cfg.progress:
+        print(f"harvest: labelling {len(rows)} candidates and {len(val_rows)} validation samples",
+              file=sys.stderr, flush=True)
     summary = label_harvest(cfg, rows, images, val_rows, val_images)
     targets = np.load(out / "pool" / "targets.npy", mmap_mode="r")
     summary["genref"] = write_genref(cfg, rows, images, targets)
