@@ -67,7 +67,8 @@ def test_harvest_resume_reuses_and_refuses_other_settings(harvested, tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [({"seed": 0}, "seed"), ({"methods": ("noise", "best")}, "accepted"),
-                                        ({"budget": 1}, "budget"), ({"components": {"painter": "x"}}, "kind")])
+                                        ({"budget": 1}, "budget"), ({"components": {"painter": "x"}}, "kind"),
+                                        ({"components": {"verifier": "nope"}}, "--verifier: unknown verifier")])
 def test_harvest_rejects_bad_settings(tmp_path, bad, match):
     with pytest.raises(HarvestError, match=match):
         harvest(_cfg(tmp_path / "h", **bad))

@@ -116,6 +116,13 @@ class HarvestConfig:
         if unknown:
             raise HarvestError(f"components: unknown kind(s) {', '.join(unknown)}; "
                                f"accepted: {', '.join(COMPONENT_KINDS)}")
+        from ..components import ComponentError, check_name
+
+        for kind, name in self.components.items():
+            try:
+                check_name(kind, name)
+            except ComponentError as e:
+                raise HarvestError(f"--{kind}: {e}") from None
         bad = sorted(set(self.tag_weights) - set(spec.TAGS))
         if bad or any(w < 0 for w in self.tag_weights.values()) or sum(self.tag_weights.values()) <= 0:
             raise HarvestError(f"tag_weights: categories of {', '.join(spec.TAGS)} with weights >= 0 and a "
@@ -170,6 +177,18 @@ def run_searches(cfg: HarvestConfig) -> dict[str, float]:
     running: list[tuple[str, subprocess.Popen, float, object]] = []
     seconds: dict[str, float] = {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        _run(cfg, root, todo, running, seconds, env)
+    finally:  # interrupted or failed: no search keeps running behind the user's back
+        for _, proc, _, log in running:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+            log.close()
+    return seconds
+
+
+def _run(cfg: HarvestConfig, root: Path, todo: list, running: list, seconds: dict, env: dict) -> None:
     while todo or running:
         while todo and len(running) < cfg.processes:
             m = todo.pop(0)
@@ -184,10 +203,6 @@ def run_searches(cfg: HarvestConfig) -> dict[str, float]:
             log.close()
             running.remove(item)
             if proc.returncode != 0:
-                for _, other, _, olog in running:
-                    other.terminate()
-                    other.wait()
-                    olog.close()
                 tail = (root / f"{m}.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
                 raise HarvestError(f"the {m} search failed (exit {proc.returncode}): {tail[0]} "
                                    f"(whole log: {root / f'{m}.log'}; --resume continues it)")
@@ -195,7 +210,6 @@ def run_searches(cfg: HarvestConfig) -> dict[str, float]:
             if cfg.progress:
                 print(f"harvest: the {m} search is done ({seconds[m]} s; {len(todo) + len(running)} to go)",
                       file=sys.stderr, flush=True)
-    return seconds
 
 
 # ----------------------------------------------------------------------------------------------
