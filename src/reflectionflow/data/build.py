@@ -33,13 +33,11 @@ the one a single process writes, byte for byte, whatever the number of processes
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
 import re
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..flags import add_batch_size
 from .build_config import (  # noqa: F401  (re-exported: the build's public names)
     BACKENDS,
     COT_MERGED,
@@ -412,135 +409,3 @@ def build_genref(cfg: BuildConfig, progress: bool = True, dist=None, secrets: Ma
     return {"out": str(out), "samples": cfg.n, "written_now": cfg.n - resumed_at, "resumed_at": resumed_at,
             "shards": layout.shards, "subsets_written_now": written, "cot": merged["cot"],
             "processes": dist.world_size, "seconds": round(time.perf_counter() - t0, 2)}
-
-
-# ----------------------------------------------------------------------------------------------
-# The commands
-
-
-def _mix(text: str) -> dict:
-    from ..flags import name_weights
-
-    return name_weights(text, "SOURCE", SOURCES)
-
-
-BUILD_DESCRIPTION = """Build GenRef-wds shards and GenRef-CoT records from the four sources: rule (a prompt's failed vs
-passed sample), reward (its lowest vs highest judged sample), length (a failed sample of the short
-prompt vs a passed one of its long form) and editing (a correct image vs one with a planted flaw).
-Deterministic and resumable: run the same command again, with any number of processes.
-
---backend world (default): Shapes-world samples judged by the exact evaluator, reflections from the
-oracle reflector, planted-flaw scenes for editing.
-
---backend flux: FLUX samples (--flux-path), judged by the verifier (default vlm-yesno: its yes/no
-decides the rule, length and editing pairs; the reward pairs rank by its score), reflections on the
-bad image by the reflector (vlm), long prompts by the refiner (vlm), and editing pairs from the
-Kontext corrector (--kontext-path) asked to plant a flaw in a passed sample (the edit must fail the
-verifier). Prompts: --prompts FILE|SET, or GenEval-style prompts drawn over GenEval's 80 classes
-(never one of the benchmark's own). The API key is read from the variable --vlm-api-key-env names
-(default OPENAI_API_KEY) on every run and never written anywhere.
-
-Several processes, GPUs or nodes: accelerate launch --multi_gpu --num_processes N -m reflectionflow
-genref build ... (or torchrun). Each process makes its own shards; rank 0 merges the CoT parts into
-genref_cot.jsonl. See docs/scale-out.md.
-"""
-
-
-def register(gsub: argparse._SubParsersAction) -> None:
-    from ..backends.flux.options import add_arguments as flux_arguments
-
-    p = gsub.add_parser(
-        "build", help="build GenRef triplet shards from the four sources (world or FLUX with VLM judges)",
-        description=BUILD_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="world", help="world (default) | flux")
-    p.add_argument("--out", required=True, help="output folder (shards, cot/, genref_cot.jsonl, build.json)")
-    p.add_argument("--n", type=int, required=True, help="triplets to write")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mix", type=_mix, default=None,
-                   help="source weights, default " + ",".join(f"{k}={v}" for k, v in DEFAULT_MIX.items()))
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard, the unit of work (default 1000)")
-    p.add_argument("--samples-per-prompt", type=int, default=4, help="generator samples per prompt draw")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--generator", default=None,
-                   help="world: generator folder (default weights/world-generator); flux: component name (flux)")
-    g.add_argument("--no-generator", action="store_true",
-                   help="world: the renderer-backed stand-in with planted flaws instead of the trained generator")
-    w = p.add_argument_group("world backend")
-    add_batch_size(w, None, "images per generator call", shown=256)
-    w.add_argument("--workers", type=int, default=None, help="processes judging images (default 1)")
-    c = p.add_argument_group("flux backend: components and prompts")
-    for kind, what in (("verifier", "vlm-yesno, local-yesno, vlm-score or clip (default vlm-yesno)"),
-                       ("reflector", "vlm (default)"), ("refiner", "vlm (default)"),
-                       ("corrector", "kontext (default) or reflection: plants the editing source's flaws")):
-        c.add_argument(f"--{kind}", default=None, metavar="NAME", help=what)
-    c.add_argument("--prompts", default=None, metavar="FILE|DIR|SET",
-                   help="GenEval metadata .jsonl, .txt, .csv / .tsv, a folder of them, or the set geneval "
-                   "(default: GenEval-style prompts drawn over GenEval's classes)")
-    flux_arguments(p)
-    for action in p._actions:  # shared with the world backend: say both defaults
-        if action.dest in ("steps", "guidance", "device"):
-            world = {"steps": "20", "guidance": "3.0", "device": "auto"}[action.dest]
-            action.help = f"world: default {world}; flux: {action.help}"
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_build)
-
-    m = gsub.add_parser(
-        "merge", help="check a finished build and rewrite its merged CoT file (genref_cot.jsonl)",
-        description="Check that DIR holds every shard of a genref build with its CoT part, and write "
-        "DIR/genref_cot.jsonl from the parts in key order. `genref build` does this itself when it finishes.")
-    m.add_argument("dir", help="a folder written by `reflectionflow genref build`")
-    m.set_defaults(func=cmd_merge)
-
-
-_WORLD_ONLY = {"no_generator": "--no-generator", "batch_size": "--batch-size", "workers": "--workers"}
-
-
-def config_from_args(args, environ: Mapping[str, str]) -> tuple[BuildConfig, dict]:
-    """(BuildConfig, secrets) from the flags; the flux backend's API key comes from `environ`."""
-    from ..backends.flux.options import given_options
-    from ..components import KINDS
-
-    common = dict(out=args.out, n=args.n, backend=args.backend, seed=args.seed,
-                  mix=args.mix if args.mix is not None else dict(DEFAULT_MIX), shard_size=args.shard_size,
-                  samples_per_prompt=args.samples_per_prompt)
-    # --generator, --steps, --guidance and --device serve both backends.
-    flux_given = sorted(k for k in given_options(args) if k not in ("steps", "guidance", "device", *KINDS))
-    flux_given += [k for k in ("verifier", "reflector", "refiner", "corrector", "prompts")
-                   if getattr(args, k) is not None]
-    if args.backend == "flux":
-        from .build_flux import config_from_args as flux_config
-
-        given = [flag for dest, flag in _WORLD_ONLY.items() if getattr(args, dest)]
-        if given:
-            raise BuildError(f"{', '.join(given)}: world-backend flag(s), but the backend is flux "
-                             "(FLUX batches with --flux-batch-size)")
-        return flux_config(args, environ, common)
-    if args.backend == "world" and flux_given:
-        flags = ", ".join("--" + k.replace("_", "-") for k in flux_given)
-        raise BuildError(f"{flags}: flag(s) of --backend flux, but the backend is world; add --backend flux")
-    from ..backends.world.mmdit import DEFAULT_GENERATOR
-
-    generator = None if args.no_generator else (args.generator or str(DEFAULT_GENERATOR))
-    world = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in WORLD_DEFAULTS.items()}
-    return BuildConfig(**common, generator=generator, device=args.device or "auto", **world), {}
-
-
-def cmd_build(args) -> int:
-    from ..engine.cli import launched
-    from ..engine.distributed import DistributedError
-
-    cfg, secrets = config_from_args(args, os.environ)
-    try:
-        with launched() as dist:
-            summary = build_genref(cfg, progress=not args.quiet, dist=dist, secrets=secrets)
-    except (DistributedError, BuildFailed) as e:
-        print(f"reflectionflow: error: {e}", file=sys.stderr)
-        return 1
-    if dist.is_main:
-        print(json.dumps(summary))
-    return 0
-
-
-def cmd_merge(args) -> int:
-    print(json.dumps(merge_build(args.dir)))
-    return 0

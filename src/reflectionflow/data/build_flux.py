@@ -137,17 +137,7 @@ def flaw_instruction(meta: Mapping, rng: np.random.Generator) -> tuple[str, str]
 
 
 # ----------------------------------------------------------------------------------------------
-# Settings: flags -> config, checks before weights, identity
-
-
-def config_from_args(args, environ: Mapping[str, str], common: dict) -> tuple[BuildConfig, dict]:
-    """(BuildConfig, secrets) as `generate --backend flux` reads them: the key from `environ`, from the
-    variable --vlm-api-key-env names; the config holds only the public settings."""
-    from ..backends.flux.options import settings_from_args
-
-    settings, secrets = settings_from_args(args, environ, {})
-    names = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
-    return BuildConfig(**common, prompts=args.prompts, components=names, flux=settings), secrets
+# Settings: checks before weights, identity
 
 
 @dataclass

@@ -33,7 +33,6 @@ where it stopped, so a killed harvest loses nothing):
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -392,55 +391,3 @@ def harvest(cfg: HarvestConfig) -> dict:
                           "label_and_write": round(time.perf_counter() - t2, 1)}
     atomic_write_json(out / "summary.json", summary)
     return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def register(gsub: argparse._SubParsersAction) -> None:
-    p = gsub.add_parser(
-        "harvest",
-        help="on-policy world data: run the real search on training prompts, label every candidate",
-        description="Run `reflectionflow generate` (noise, prompt and reflection by default) on training prompts "
-        "with the components named, then label every candidate with the exact evaluator and the oracle "
-        "reflector, and write a pool the world trainers read (`train world-verifier|world-reflector|"
-        "world-corrector --harvest OUT`), verifier pairs and GenRef shards. Round k should harvest with the "
-        "components trained on rounds < k. Resumable: --resume continues a killed harvest.",
-    )
-    p.add_argument("--out", required=True, metavar="DIR", help="harvest folder (new, or one to --resume)")
-    p.add_argument("--round", type=int, default=1, help="round number recorded with every candidate (default 1)")
-    p.add_argument("--prompts", type=int, default=1200, metavar="N", help="training prompts (default 1200)")
-    p.add_argument("--prompt-seed", type=int, default=1, help="draws the training prompts (default 1)")
-    p.add_argument("--seed", type=int, default=1001, help="the searches' run seed, >= 1 (default 1001)")
-    p.add_argument("--methods", default=",".join(HARVEST_METHODS),
-                   help=f"comma-separated, of {', '.join(HARVEST_METHODS)} (default all)")
-    p.add_argument("--budget", type=int, default=8, help="images per prompt and method (default 8)")
-    for kind in COMPONENT_KINDS:
-        p.add_argument(f"--{kind}", default=None, metavar="NAME", help=f"{kind} registry name (the world default)")
-    p.add_argument("--config", default=None, metavar="FILE",
-                   help="a `generate --config` file (YAML or JSON), e.g. component options naming weights folders")
-    p.add_argument("--val-prompts", type=int, default=553, metavar="N",
-                   help="validation prompts sampled for the corrector's validation (default 553; 0: none)")
-    p.add_argument("--processes", type=int, default=3, help="searches run at once (default 3)")
-    p.add_argument("--batch-size", type=int, default=1024, help="requests per component call (default 1024)")
-    p.add_argument("--prompt-batch", type=int, default=512, help="prompts searched together (default 512)")
-    p.add_argument("--label-workers", type=int, default=0, help="labelling processes (default: all cores but one)")
-    p.add_argument("--resume", action="store_true", help="continue (or reuse) the harvest in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=cmd_harvest)
-
-
-def cmd_harvest(args) -> int:
-    cfg = HarvestConfig(
-        out=args.out, round=args.round, prompts=args.prompts, prompt_seed=args.prompt_seed, seed=args.seed,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), budget=args.budget,
-        components={k: getattr(args, k) for k in COMPONENT_KINDS if getattr(args, k)}, run_config=args.config,
-        val_prompts=args.val_prompts, processes=args.processes, batch_size=args.batch_size,
-        prompt_batch=args.prompt_batch, label_workers=args.label_workers, resume=args.resume,
-        progress=not args.quiet)
-    summary = harvest(cfg)
-    kinds = ", ".join(f"{k} {v['samples']} ({v['failed']} failed)" for k, v in summary["kinds"].items())
-    print(f"harvest {args.out}: {summary['samples']} candidates: {kinds}; {summary['fixable']} failures with a "
-          f"minimal edit; genref {summary['genref']['rule']} rule + {summary['genref']['general']} general")
-    return 0
