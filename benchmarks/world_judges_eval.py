@@ -32,29 +32,10 @@ from reflectionflow.backends.world.mmdit import DEFAULT_GENERATOR, MMDiTCorrecto
 from reflectionflow.backends.world.simulated import EditCorrector
 from reflectionflow.components import CorrectionRequest, ReflectionRequest
 from reflectionflow.train.corrector_pool import KEEP, default_workers, generator_samples, label_images
-from reflectionflow.train.verifier import labelled_renders
+from reflectionflow.train.verifier import labelled_renders, roc_auc
 from reflectionflow.train.world import load_prompt_file
 from reflectionflow.world.commands import parse_reflection
 from reflectionflow.world.data import resolve_prompts
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """Mann-Whitney U / (n_pos n_neg), ties counted half."""
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
-        return None
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    ranks = np.empty(len(order))
-    allv = np.concatenate([pos, neg])[order]
-    i = 0
-    while i < len(allv):  # average ranks over ties
-        j = i
-        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
 
 
 def verifier_scores(verifier, images, prompts) -> np.ndarray:

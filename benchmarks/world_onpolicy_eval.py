@@ -27,30 +27,26 @@ from reflectionflow.backends.world.learned import LearnedReflector
 from reflectionflow.backends.world.mmdit import MMDiTCorrector
 from reflectionflow.backends.world.oracle import OracleReflector
 from reflectionflow.components import ReflectionRequest
+from reflectionflow.data.harvest import KIND_NAMES
 from reflectionflow.io import load_png
+from reflectionflow.runs import RunFolder
 from reflectionflow.train.corrector_pool import KEEP, label_images
-from reflectionflow.train.verifier import calibration_error, roc_auc
+from reflectionflow.train.verifier import scores_by_kind
 from reflectionflow.world.commands import parse_reflection
 from reflectionflow.world.evaluate import evaluate_image
 from world_onpolicy_compare import correct  # benchmarks/: one correction per image, batched
 
-KIND = {"noise": "noise", "neighbour": "noise", "prompt": "refined", "correct": "corrected"}
-
 
 def read_run(folder: Path) -> tuple[list[dict], list[dict], np.ndarray]:
     """(metas per prompt, candidate rows, images) of a run folder."""
+    run = RunFolder(folder)
     metas, rows, images = [], [], []
-    for pdir in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()):
-        meta = json.loads((pdir / "metadata.jsonl").read_text().splitlines()[0])
-        k = len(metas)
-        metas.append(meta)
-        for line in (pdir / "trace.jsonl").read_text().splitlines():
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            rows.append({"prompt": k, "kind": KIND.get(rec["kind"], rec["kind"]), "score": rec["score"],
-                         "seed": rec["seed"], "order": rec["order"]})
-            images.append(load_png(pdir / rec["file"]))
+    for i in run.prompt_indices():
+        metas.append(json.loads((run.prompt_dir(i) / "metadata.jsonl").read_text().splitlines()[0]))
+        for rec in run.load_trace(i):
+            rows.append({"prompt": len(metas) - 1, "kind": KIND_NAMES.get(rec["kind"], rec["kind"]),
+                         "score": rec["score"], "seed": rec["seed"], "order": rec["order"]})
+            images.append(load_png(run.image_path(i, rec["file"])))
     return metas, rows, np.stack(images)
 
 
@@ -63,23 +59,15 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    res: dict = {"verifier": {}}
-    pooled: dict[str, list] = {}
+    scores, labels, kinds = [], [], []
     for run in args.runs:
         metas, rows, images = read_run(Path(run))
-        labels = label_images(images, [metas[r["prompt"]] for r in rows], [r["seed"] for r in rows], args.workers,
-                              with_target=False)
-        for r, lab in zip(rows, labels):
-            pooled.setdefault(r["kind"], []).append((r["score"], lab.correct))
-    for kind, pairs in sorted(pooled.items()):
-        p = np.array([s for s, _ in pairs], dtype=np.float64)
-        y = np.array([c for _, c in pairs], dtype=bool)
-        res["verifier"][kind] = {"n": len(y), "yes_share": float(y.mean()), "auc": roc_auc(p, y),
-                                 "ece": calibration_error(p, y.astype(np.float64))}
-    allp = np.array([s for v in pooled.values() for s, _ in v])
-    ally = np.array([c for v in pooled.values() for _, c in v], dtype=bool)
-    res["verifier"]["all"] = {"n": len(ally), "yes_share": float(ally.mean()), "auc": roc_auc(allp, ally),
-                              "ece": calibration_error(allp, ally.astype(np.float64))}
+        labs = label_images(images, [metas[r["prompt"]] for r in rows], [r["seed"] for r in rows], args.workers,
+                            with_target=False)
+        scores += [r["score"] for r in rows]
+        labels += [lab.correct for lab in labs]
+        kinds += [r["kind"] for r in rows]
+    res: dict = {"verifier": scores_by_kind(np.array(scores, dtype=np.float64), np.array(labels), kinds)}
     # Reflector and corrector on the noise run's first samples
     metas, rows, images = read_run(Path(args.noise_run))
     first = {}
@@ -112,9 +100,10 @@ def main() -> int:
                         "max_commands": max((len(t.splitlines()) for t in learned), default=0)}
     res["corrector"] = {"passed": int(ok.sum()), "broken_by_keep": broken, "fixed_with_oracle": fo}
     print("| candidates | n | yes share | ROC AUC | ECE |\n|---|---|---|---|---|")
-    for kind, v in res["verifier"].items():
-        auc = "-" if v["auc"] is None else f"{v['auc']:.3f}"
-        print(f"| {kind} | {v['n']} | {v['yes_share']:.3f} | {auc} | {v['ece']:.3f} |")
+    v = res["verifier"]
+    for kind, row in [*v["kinds"].items(), ("all", {**v, "yes_share": float(np.mean(labels))})]:
+        auc = "-" if row["auc"] is None else f"{row['auc']:.3f}"
+        print(f"| {kind} | {row['n']} | {row['yes_share']:.3f} | {auc} | {row['ece']:.3f} |")
     r = res["reflector"]
     print(f"\nfirst-sample failures {r['failures']}: fixed in one correction with the learned reflection {fl:.3f}, "
           f"with the oracle's {fo:.3f} (ratio {r['ratio'] or 0:.3f}); exact match {exact:.3f}; "

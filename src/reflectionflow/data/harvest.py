@@ -218,19 +218,18 @@ def _run(cfg: HarvestConfig, root: Path, todo: list, running: list, seconds: dic
 def read_candidates(cfg: HarvestConfig) -> tuple[list[dict], np.ndarray]:
     """Every candidate of every search, in a fixed order (method, prompt, generation order):
     (rows, images (N, 64, 64, 3) uint8)."""
-    from ..io import load_png, prompt_dir
+    from ..io import load_png
+    from ..runs import RunFolder
 
     rows, images = [], []
     metas = [json.loads(line) for line in (Path(cfg.out) / "prompts.jsonl").read_text().splitlines() if line]
     for method in cfg.methods:
-        root = Path(cfg.out) / "search" / method
+        folder = RunFolder(Path(cfg.out) / "search" / method)
         for i, meta in enumerate(metas):
-            pdir = prompt_dir(root, i)
-            trace = [json.loads(line) for line in (pdir / "trace.jsonl").read_text().splitlines() if line.strip()]
             index = {}
-            for rec in trace:
+            for rec in folder.load_trace(i):  # complete records whose image is on disk
                 index[rec["id"]] = len(rows)
-                images.append(load_png(pdir / rec["file"]))
+                images.append(load_png(folder.image_path(i, rec["file"])))
                 rows.append({
                     "prompt": meta["prompt"], "tag": meta["tag"], "seed": int(rec["seed"]),
                     "kind": KIND_NAMES.get(rec["kind"], rec["kind"]), "method": method, "round": cfg.round,

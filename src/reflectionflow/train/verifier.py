@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,19 +274,24 @@ def logits_of(model: WorldVerifier, images: np.ndarray, prompts: list[str], batc
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
-def held_out_scores(model: WorldVerifier, held: dict, temperature: float = 1.0) -> dict:
-    """Accuracy, ROC AUC and calibration error on the held-out harvest, overall and per candidate kind."""
-    z = logits_of(model, held["images"], held["prompts"])
-    p = 1.0 / (1.0 + np.exp(-z / temperature))
-    y = held["labels"]
-    kinds = np.array(held["kinds"])
-    out = {"n": int(len(y)), "accuracy": float(((p > 0.5) == (y > 0.5)).mean()), "auc": roc_auc(p, y),
+def scores_by_kind(p: np.ndarray, y: np.ndarray, kinds: Sequence[str]) -> dict:
+    """A verifier's P(yes) `p` against the evaluator's labels `y`: accuracy, ROC AUC and calibration
+    error overall, and yes share, AUC and calibration error per candidate kind (noise, refined, ...)."""
+    y = np.asarray(y, dtype=np.float64)
+    kinds = np.asarray(kinds)
+    out = {"n": int(len(y)), "accuracy": float(((p > 0.5) == (y > 0.5)).mean()), "auc": roc_auc(p, y > 0.5),
            "ece": calibration_error(p, y), "kinds": {}}
-    for k in sorted(set(held["kinds"])):
+    for k in sorted(set(kinds.tolist())):
         m = kinds == k
-        out["kinds"][k] = {"n": int(m.sum()), "yes_share": float(y[m].mean()), "auc": roc_auc(p[m], y[m]),
+        out["kinds"][k] = {"n": int(m.sum()), "yes_share": float(y[m].mean()), "auc": roc_auc(p[m], y[m] > 0.5),
                            "ece": calibration_error(p[m], y[m])}
     return out
+
+
+def held_out_scores(model: WorldVerifier, held: dict, temperature: float = 1.0) -> dict:
+    """scores_by_kind on the held-out harvest, P(yes) at `temperature`."""
+    z = logits_of(model, held["images"], held["prompts"])
+    return scores_by_kind(1.0 / (1.0 + np.exp(-z / temperature)), held["labels"], held["kinds"])
 
 
 def validation_set(cfg: WorldVerifierConfig) -> tuple[torch.Tensor, list[str], torch.Tensor]:
