@@ -68,10 +68,7 @@ def main() -> int:
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
 
-    class Cfg:  # what harvest_pool reads
-        harvest, holdout = tuple(args.harvest), args.holdout
-
-    _, held = harvest_pool(Cfg)
+    _, held = harvest_pool(args.harvest, args.holdout)
     res: dict = {"held_out_candidates": len(held["labels"])}
     # Verifier
     for name, folder in (("shipped", DEFAULT_VERIFIER), ("new", args.verifier)):

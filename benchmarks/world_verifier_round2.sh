@@ -38,8 +38,7 @@ from reflectionflow.models.verifier import WorldVerifier
 from reflectionflow.backends.world.learned import DEFAULT_VERIFIER
 from reflectionflow.train.verifier import harvest_pool, held_out_scores
 r = Path(sys.argv[1])
-class C: harvest, holdout = (str(r / "h2"),), 0.1
-_, held = harvest_pool(C)
+_, held = harvest_pool([str(r / "h2")], 0.1)
 res = {}
 for name, f in (("shipped", DEFAULT_VERIFIER), ("round2", r / "export/world-verifier")):
     m = WorldVerifier.from_pretrained(f, device="cuda")

@@ -119,7 +119,7 @@ def train_world_reflector(cfg: WorldReflectorConfig) -> ReflectorTrainResult:
     model, dev = run.model, run.device
     pool = held = None
     if cfg.harvest:
-        pool, held = harvest_pool(cfg)
+        pool, held = harvest_pool(cfg.harvest, cfg.holdout)
     elif cfg.generator:
         pool = build_pool(cfg, dev)
     if pool is not None:

@@ -199,13 +199,13 @@ def held_out(group: str, share: float) -> bool:
     return (h % 10_000) < share * 10_000
 
 
-def harvest_pool(cfg) -> tuple[dict, dict | None]:
+def harvest_pool(harvest: Sequence[str], holdout: float) -> tuple[dict, dict | None]:
     """The harvests' candidates as the pool (images, labels, prompts, reflections, kinds, rounds),
-    and the held-out part (None when `holdout` is 0 or holds nothing)."""
-    pool = load_harvests(cfg.harvest)
+    and the held-out share `holdout` of their searches (None when it holds nothing)."""
+    pool = load_harvests(harvest)
     rows = pool.samples
     out = held = None
-    flags = np.array([held_out(f"{r['round']}/{r['group']}", cfg.holdout) for r in rows], dtype=bool)
+    flags = np.array([held_out(f"{r['round']}/{r['group']}", holdout) for r in rows], dtype=bool)
     for part, mask in (("train", ~flags), ("held", flags)):
         idx = np.nonzero(mask)[0]
         d = {"images": np.asarray(pool.images[idx]) if len(idx) else np.zeros((0, 64, 64, 3), np.uint8),
@@ -217,7 +217,7 @@ def harvest_pool(cfg) -> tuple[dict, dict | None]:
         elif len(idx):
             held = d
     if not len(out["labels"]):
-        raise ValueError(f"--harvest {', '.join(cfg.harvest)}: every candidate is held out; lower --holdout")
+        raise ValueError(f"--harvest {', '.join(harvest)}: every candidate is held out; lower --holdout")
     return out, held
 
 
@@ -326,7 +326,7 @@ def train_world_verifier(cfg: WorldVerifierConfig) -> VerifierTrainResult:
     model, dev = run.model, run.device
     held = None
     if cfg.harvest:
-        pool, held = harvest_pool(cfg)
+        pool, held = harvest_pool(cfg.harvest, cfg.holdout)
     else:
         pool = build_pool(cfg, dev) if cfg.generator else None
     data = VerifierData(cfg, pool, start_step=run.step)
