@@ -3,6 +3,7 @@
 # 9 minutes on an H200): one sample, the `generate` defaults (reflection at budget 8: pool 2 + 2 x 3),
 # noise at 8 and 32 (re-scored by the oracle verifier too), prompt and reflection at 32, all with the
 # learned judges; then the judges on the candidates those runs made (benchmarks/world_onpolicy_eval.py).
+# With ON_KEEP=resample, reflection at 32 runs with `--on-keep resample` and budget 8 runs both ways.
 #   bash benchmarks/world_onpolicy_eval.sh OUTDIR [FRESH_SEED]
 # OUTDIR receives the sweep tables (*.md, *.json) and eval.json; the tables are printed last.
 set -euo pipefail
@@ -18,12 +19,21 @@ for set in geneval-shapes fresh; do
   sw --prompts "$P" --methods noise --budget 32 --verifiers world-learned,world-oracle --out "$R/$set-noise" \
     > "$R/$set-noise.log" 2>&1 &
   sw --prompts "$P" --methods prompt --budget 32 --out "$R/$set-prompt" > "$R/$set-prompt.log" 2>&1 &
-  sw --prompts "$P" --methods reflection --budget 32 --out "$R/$set-refl" > "$R/$set-refl.log" 2>&1 &
+  if [ "${ON_KEEP:-correct}" = resample ]; then
+    echo '{"on_keep": "resample"}' > "$R/resample.json"
+    sw --prompts "$P" --methods reflection --budget 32 --config "$R/resample.json" --out "$R/$set-refl" \
+      > "$R/$set-refl.log" 2>&1 &
+    sw --prompts "$P" --methods reflection --budget 8 --config "$R/resample.json" --out "$R/$set-def8r" \
+      > "$R/$set-def8r.log" 2>&1 &
+  else
+    sw --prompts "$P" --methods reflection --budget 32 --out "$R/$set-refl" > "$R/$set-refl.log" 2>&1 &
+  fi
   sw --prompts "$P" --methods reflection --budget 8 --out "$R/$set-def8" > "$R/$set-def8.log" 2>&1 &
 done
 wait
 echo "sweeps: $(( $(date +%s) - T0 )) s"
-for f in "$R"/*-noise "$R"/*-prompt "$R"/*-refl "$R"/*-def8; do
+for f in "$R"/*-noise "$R"/*-prompt "$R"/*-refl "$R"/*-def8 "$R"/*-def8r; do
+  [ -d "$f" ] || continue
   cp "$f/sweep.md" "$OUT/$(basename "$f").md" && cp "$f/sweep.json" "$OUT/$(basename "$f").json" \
     || echo "$(basename "$f"): no sweep table (stopped by the time limit; see $f.log)"
 done
@@ -31,5 +41,5 @@ python benchmarks/world_onpolicy_eval.py --runs "$R/fresh-noise/runs/noise-world
   "$R/fresh-prompt/runs/prompt-world-learned" "$R/fresh-refl/runs/reflection-world-learned" \
   --noise-run "$R/fresh-noise/runs/noise-world-learned" --workers 15 --json "$OUT/eval.json" | tee "$R/eval.md" || true
 echo "total: $(( $(date +%s) - T0 )) s"
-for f in "$R"/*-noise "$R"/*-prompt "$R"/*-refl "$R"/*-def8; do echo "## $(basename "$f")"; sed -n '1,12p' "$f/sweep.md" || true; done
+for f in "$R"/*-noise "$R"/*-prompt "$R"/*-refl "$R"/*-def8 "$R"/*-def8r; do [ -d "$f" ] || continue; echo "## $(basename "$f")"; sed -n '1,12p' "$f/sweep.md" || true; done
 cat "$R/eval.md"
