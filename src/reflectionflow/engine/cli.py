@@ -193,7 +193,7 @@ def default_out(config, source: str, resume: bool) -> str:
 
 
 def cmd_generate(args) -> int:
-    from ..engine import generate
+    from ..pipeline import generate
     from .distributed import DistributedError
 
     config, secrets = build_config(args)
