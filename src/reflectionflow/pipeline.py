@@ -34,24 +34,22 @@ from .config import COMPONENT_KINDS, RunConfig
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from .engine import DistContext, RunResult
+    from .engine import RunResult
     from .engine.executor import Components
 
 __all__ = ["ArgumentError", "Ledger", "PipelineOutput", "ReflectionFlowPipeline", "StageCost", "TraceEntry",
            "generate"]
 
 
-def generate(config: RunConfig, out: str | Path, prompt: str | Sequence[str] | None = None,
-             prompts: str | None = None, resume: bool = False, components: Components | None = None,
-             progress: bool = False, report: bool = True, secrets: Mapping[str, str] | None = None,
-             dist: DistContext | None = None) -> RunResult:
+def generate(config: RunConfig, out: str | Path, prompt: str | Sequence[str] | None = None, *,
+             report: bool = True, **search) -> RunResult:
     """`reflectionflow generate` as a function: `engine.search` (every check, the components, the
-    search, the run folder and its ledger), then, with `report`, report.html (rank 0 of several
+    search, the run folder and its ledger; `search` holds its other arguments: prompts, resume,
+    components, progress, secrets, dist), then, with `report`, report.html (rank 0 of several
     processes writes it, once all have finished)."""
-    from .engine import search
+    from .engine import search as run_search
 
-    result = search(config, out, prompt=prompt, prompts=prompts, resume=resume, components=components,
-                    progress=progress, secrets=secrets, dist=dist)
+    result = run_search(config, out, prompt=prompt, **search)
     if report and result.rank == 0:
         from .report import write_report
 

@@ -3,7 +3,7 @@
 Real-scale judges on a Qwen2.5-VL base (train/vlm_verifier.py, train/vlm_reflector.py). The
 config is validated (base folder of the right family, data readable, every JSONL line well
 formed) before any weights load. Several GPUs or nodes: `accelerate launch -m reflectionflow
-train verifier ...` (or `python -m reflectionflow.train.cli verifier ...`). No torch at import.
+train verifier ...` (or `python -m reflectionflow.cli.train verifier ...`). No torch at import.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import _add_flags, _mapping, _names, build_config
+from .train import _add_flags, _mapping, _names, build_config
 
 COMMON = [
     ("--base", "base", str, "Qwen2.5-VL (or Qwen2-VL) model folder to start from"),
@@ -89,7 +89,7 @@ def _skips(skipped: dict) -> str:
 
 
 def cmd_verifier(args) -> int:
-    from .vlm_verifier import VerifierTrainConfig, train_verifier
+    from ..train.vlm_verifier import VerifierTrainConfig, train_verifier
 
     table = VERIFIER + [("--grad-checkpointing", "grad_checkpointing", bool, "")]
     cfg = build_config(VerifierTrainConfig, args, COMMON + table)
@@ -100,7 +100,7 @@ def cmd_verifier(args) -> int:
 
 
 def cmd_reflector(args) -> int:
-    from .vlm_reflector import ReflectorTrainConfig, train_reflector
+    from ..train.vlm_reflector import ReflectorTrainConfig, train_reflector
 
     table = REFLECTOR + [("--grad-checkpointing", "grad_checkpointing", bool, "")]
     cfg = build_config(ReflectorTrainConfig, args, COMMON + table)

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from .cli import _floats, _mapping, _names, build_config
+from .train import _floats, _mapping, _names, build_config
 
 
 def _json(text: str) -> dict:
@@ -105,7 +105,7 @@ def register(tsub: argparse._SubParsersAction) -> None:
 
 
 def cmd_flux_corrector(args) -> int:
-    from .flux_corrector import FluxCorrectorConfig, train_flux_corrector
+    from ..train.flux_corrector import FluxCorrectorConfig, train_flux_corrector
 
     cfg = build_config(FluxCorrectorConfig, args, FLUX + SWITCHES)
     res = train_flux_corrector(cfg)

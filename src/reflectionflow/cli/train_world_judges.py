@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import COMMON, _add_flags, _common, _mapping, _names, build_config
+from .train import COMMON, _add_flags, _common, _mapping, _names, build_config
 
 VERIFIER = [
     ("--size", "model_size", str, "model size: tiny | small"),
@@ -48,7 +48,7 @@ def register(tsub: argparse._SubParsersAction) -> None:
 
 
 def cmd_world_verifier(args) -> int:
-    from .verifier import WorldVerifierConfig, train_world_verifier
+    from ..train.verifier import WorldVerifierConfig, train_world_verifier
 
     cfg = build_config(WorldVerifierConfig, args, COMMON + VERIFIER)
     res = train_world_verifier(cfg)
@@ -62,7 +62,7 @@ def cmd_world_verifier(args) -> int:
 
 
 def cmd_world_reflector(args) -> int:
-    from .reflector import WorldReflectorConfig, train_world_reflector
+    from ..train.reflector import WorldReflectorConfig, train_world_reflector
 
     cfg = build_config(WorldReflectorConfig, args, COMMON + REFLECTOR)
     res = train_world_reflector(cfg)

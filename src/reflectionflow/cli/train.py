@@ -6,28 +6,20 @@ run folder's saved `train_config.json` is the starting point and the flags given
 The config is validated (generator weights present, LoRA targets real, ...) before any weights
 load, so a bad argument costs a one-line error, not a model load.
 
-Other trainers join through TRAIN_COMMAND_MODULES: a module listed there adds its verbs with
-`register(train_subparsers)` (world-verifier, world-reflector, flux-corrector), and one that is
-not part of this installation is skipped, as `reflectionflow genref` does with `genref build`.
-Standalone: `python -m reflectionflow.train.cli world-corrector --out RUN ...` (no other command
+The other trainers' verbs come from their own modules beside this one, each with
+`register(train_subparsers)`: train_world_judges.py (world-verifier, world-reflector),
+train_flux.py (flux-corrector), train_vlm.py (verifier, reflector: the transformers VLM judges).
+Standalone: `python -m reflectionflow.cli.train world-corrector --out RUN ...` (no other command
 modules imported, for machines that lack their dependencies).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import sys
 from dataclasses import fields
 from pathlib import Path
-
-TRAIN_COMMAND_MODULES: tuple[str, ...] = (
-    "reflectionflow.train.verifier_cli",  # world-verifier, world-reflector
-    "reflectionflow.train.flux_cli",  # flux-corrector
-    "reflectionflow.train.vlm_cli",  # verifier, reflector (transformers VLM judges)
-)
 
 
 def _mapping(text: str) -> dict:
@@ -157,15 +149,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_flags(c, CORRECTOR)
     c.add_argument("--pool-only", action="store_true", help="build the pool of judged generator samples and stop")
     c.set_defaults(func=cmd_world_corrector)
-    for name in TRAIN_COMMAND_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).register(tsub)
+    from . import train_flux, train_vlm, train_world_judges  # they build on this module's tables
+
+    for module in (train_world_judges, train_flux, train_vlm):
+        module.register(tsub)
 
 
 def build_config(cls, args, table) -> object:
     """The command's config: saved (on --resume), then --config, then the flags given; validated."""
     from ..io import check_writable_dir
-    from .loop import check_device
+    from ..train.loop import check_device
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -207,7 +200,7 @@ def build_config(cls, args, table) -> object:
 
 
 def cmd_world_generator(args) -> int:
-    from .world import WorldTrainConfig, train_world_generator
+    from ..train.world import WorldTrainConfig, train_world_generator
 
     cfg = build_config(WorldTrainConfig, args, COMMON + GENERATOR)
     res = train_world_generator(cfg)
@@ -219,7 +212,7 @@ def cmd_world_generator(args) -> int:
 
 
 def cmd_world_corrector(args) -> int:
-    from .corrector import WorldCorrectorConfig, prepare_pool, train_world_corrector
+    from ..train.corrector import WorldCorrectorConfig, prepare_pool, train_world_corrector
 
     cfg = build_config(WorldCorrectorConfig, args, COMMON + CORRECTOR)
     if args.pool_only:
@@ -238,15 +231,15 @@ def cmd_world_corrector(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reflectionflow.train.cli")
+    parser = argparse.ArgumentParser(prog="python -m reflectionflow.cli.train")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     register(sub)
-    # `python -m reflectionflow.train.cli world-corrector ...` == `reflectionflow train world-corrector ...`
+    # `python -m reflectionflow.cli.train world-corrector ...` == `reflectionflow train world-corrector ...`
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
-        from ..cli import one_line
+        from . import one_line
 
         print(f"reflectionflow train: error: {one_line(e)}", file=sys.stderr)
         return 2
