@@ -27,7 +27,8 @@ PACKAGE = "reflectionflow"
 
 # The floors, bottom up: a unit may import its own floor's units (without a loop) and any floor below.
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("ground", ("runtime", "redact", "stats", "shipped", "io", "config", "components", "runs", "plots", "flags")),
+    ("ground", ("version", "runtime", "redact", "stats", "shipped", "io", "config", "components", "runs", "plots",
+                "flags")),
     ("world", ("world", "models")),
     ("backends", ("backends",)),
     ("engine", ("engine", "serve")),

@@ -15,9 +15,9 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__
 from ..config import METHODS, RunConfig
 from ..runs import RunFolder, RunFolderError, prompts_fingerprint
+from ..version import __version__
 from .candidates import Candidate, Make, NeedBudget, best
 from .chains import prompt_chains, reflection_flow
 from .context import Method, PromptContext
