@@ -169,3 +169,37 @@ def test_every_image_is_scored_against_the_original_prompt_never_the_refined_one
     refined = {c.prompt for i in range(6) for c in _cands(out, i)[1]} - originals
     assert refined, "the refiner changed no prompt: the test would prove nothing"
     assert len(ver.prompts) == 6 * 6 and set(ver.prompts) <= originals
+
+
+def test_on_keep_resample_spends_a_keep_round_on_a_fresh_sample_and_resumes(tmp_path):
+    from reflectionflow.config import ConfigError
+    from reflectionflow.engine.executor import is_keep
+
+    assert is_keep("- Keep the image unchanged.") and is_keep("") and is_keep("No changes needed.\n")
+    assert not is_keep("- Keep the image unchanged.\n- Add one red circle.") and not is_keep("- Add one ring.")
+    out = tmp_path / "r"
+    prompts = subset_file(tmp_path, 2)
+    run(out, prompts, method="reflection", budget=8, chains=2, pool=2, on_keep="resample")
+    kinds = {"resample": 0, "correct": 0}
+    for i in range(12):
+        by_id, cands = _cands(out, i)
+        for c in cands:
+            if c.round == 0 or c.kind == "noise":
+                continue
+            assert c.kind in kinds and c.reflection is not None and c.parent in by_id
+            kinds[c.kind] += 1
+            # a resample is exactly the rounds whose reflection asked for nothing, at the correction's seed
+            assert (c.kind == "resample") == is_keep(c.reflection)
+            assert c.seed == derive_seed(0, i, c.chain, c.round, "correct")
+            stage = "generate" if c.kind == "resample" else "correct"
+            assert by_id[c.id]["cost"][stage]["images"] == 1
+    assert kinds["resample"] > 0 and kinds["correct"] > 0
+    for i in range(12):
+        assert json.loads((out / f"{i:05d}" / "done.json").read_text())["images"] == 8
+    before = {p: p.read_bytes() for p in out.rglob("trace.jsonl")}
+    run(out, prompts, method="reflection", budget=8, chains=2, pool=2, on_keep="resample", resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("trace.jsonl")} == before
+    with pytest.raises(ConfigError, match="on_keep"):
+        RunConfig(method="noise", on_keep="resample").validate()
+    with pytest.raises(ConfigError, match="on_keep"):
+        RunConfig(on_keep="skip").validate()

@@ -123,6 +123,33 @@ def test_verifier_trains_on_a_harvest_and_is_calibrated(harvested, tmp_path):
     assert "held_auc" in log[-1] and "held_ece" in log[-1]
 
 
+def test_verifier_with_flips_and_the_scene_head_trains_on_a_harvest(harvested, tmp_path):
+    from reflectionflow.models.verifier import WorldVerifier
+    from reflectionflow.train.verifier import WorldVerifierConfig, flip_prompt, harvest_pool, train_world_verifier
+    from reflectionflow.world.evaluate import evaluate_image
+    from reflectionflow.world.spec import parse_prompt
+
+    out, _ = harvested
+    cfg = WorldVerifierConfig(out_dir=str(tmp_path / "v"), model_size="tiny", harvest=(str(out),), holdout=0.3,
+                              batch_size=16, max_steps=3, log_every=3, ckpt_every=3, val_size=8, num_workers=0,
+                              progress=False, device="cpu", flip=True, scene_weight=0.5, generator_share=0.75)
+    train_world_verifier(cfg)
+    log = [json.loads(line) for line in (tmp_path / "v" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["scene_loss"] > 0
+    model = WorldVerifier.from_pretrained(tmp_path / "v" / "verifier")
+    assert model.config.scene_head and model.scene is not None
+    # The mirrored labels are the evaluator's verdicts on the mirrored images and prompts.
+    pool, _ = harvest_pool([str(out)], 0.3)
+    from reflectionflow.train.verifier import pool_extras
+
+    pool_extras(pool, workers=2, chunk=7)
+    assert pool["maps"].shape == (len(pool["labels"]), 2, 8, 8) and len(pool["flip_labels"]) == len(pool["labels"])
+    for i in range(0, len(pool["labels"]), 5):
+        want = evaluate_image(np.ascontiguousarray(pool["images"][i][:, ::-1]),
+                              parse_prompt(flip_prompt(pool["prompts"][i]))).correct
+        assert pool["flip_labels"][i] == float(want)
+
+
 def test_verifier_config_refuses_a_pool_named_twice(harvested, tmp_path):
     from reflectionflow.train.verifier import WorldVerifierConfig
 

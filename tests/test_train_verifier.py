@@ -92,3 +92,46 @@ def test_generator_samples_join_the_data(tmp_path, cli):
     pool = np.load(out / "pool.npz")
     assert pool["images"].shape == (8, 64, 64, 3) and set(np.unique(pool["labels"])) <= {0.0, 1.0}
     assert len(pool["prompts"]) == 8
+
+
+def test_scene_maps_name_each_object_where_it_is_drawn():
+    from reflectionflow.train.verifier import flip_prompt, scene_maps
+    from reflectionflow.world.detect import detect
+    from reflectionflow.world.render import Obj, render
+    from reflectionflow.world.spec import CLASSES, COLOR_NAMES
+
+    img = render([Obj("square", "red", 16, 4, 4), Obj("ring", "blue", 16, 40, 40)])
+    maps = scene_maps(img, detect(img))
+    assert maps.shape == (2, 8, 8)
+    sq, ring = 1 + CLASSES.index("square"), 1 + CLASSES.index("ring")
+    assert (maps[0, 0:2, 0:2] == sq).all() and (maps[1, 0:2, 0:2] == 1 + COLOR_NAMES.index("red")).all()
+    assert (maps[0, 5:7, 5:7] == ring).any() and (maps[1, 5:7, 5:7] == 1 + COLOR_NAMES.index("blue")).any()
+    assert maps[0, 3, 3] == 0 and maps[0, 0, 7] == 0 and set(np.unique(maps[0])) == {0, sq, ring}
+    assert flip_prompt("a photo of a red circle left of a blue square") == \
+        "a photo of a red circle right of a blue square"
+    with pytest.raises(ValueError, match="scene_weight"):
+        from reflectionflow.train.verifier import WorldVerifierConfig
+
+        WorldVerifierConfig(scene_weight=-1).validate()
+
+
+def test_an_old_verifier_folder_loads_without_a_scene_head(tmp_path):
+    import torch
+
+    from reflectionflow.models.verifier import SIZES, WorldVerifier
+
+    torch.manual_seed(0)
+    plain = WorldVerifier(SIZES["tiny"]())
+    plain.save_pretrained(tmp_path / "v")
+    cfg = json.loads((tmp_path / "v" / "config.json").read_text())
+    del cfg["scene_head"]  # a folder written before the scene head existed
+    (tmp_path / "v" / "config.json").write_text(json.dumps(cfg))
+    back = WorldVerifier.from_pretrained(tmp_path / "v")
+    assert back.scene is None
+    with_head = WorldVerifier(SIZES["tiny"](scene_head=True))
+    with_head.load_state_dict(plain.state_dict(), strict=False)
+    img = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    ids = back.tokenizer(["a photo of a ring", "a photo of two red squares"])
+    with torch.no_grad():
+        logits, scene = with_head.forward_with_scene(img, ids)
+        assert torch.allclose(logits, back(img, ids), atol=1e-6) and scene.shape == (2, 64, 7 + 11)

@@ -76,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompt / reflection: stop a chain once the verifier says yes with this score")
     s.add_argument("--reallocate", default=None, metavar="WHERE",
                    help="with --early-stop, where saved images go: none | chains (default) | prompts")
+    s.add_argument("--on-keep", default=None, metavar="WHAT",
+                   help="reflection: when the reflector asks for no change, correct (default: the corrector "
+                   "runs anyway) | resample (a fresh noise sample of the chain's prompt instead)")
     s.add_argument("--no-refine", dest="refine_prompts", action="store_false", default=None,
                    help="reflection: keep the original prompt (no prompt refinement)")
     s.add_argument("--neighbors", type=int, default=None, help="zero-order: neighbours per round (default 4)")
@@ -123,7 +126,7 @@ def add_component_arguments(g: argparse.ArgumentParser, verifier: bool = True) -
 
 
 _FLAG_FIELDS = ("method", "budget", "chains", "depth", "pool", "seed", "backtrack", "early_stop", "reallocate",
-                "refine_prompts", "neighbors", "threshold", "backend", "generator", "verifier", "reflector",
+                "on_keep", "refine_prompts", "neighbors", "threshold", "backend", "generator", "verifier", "reflector",
                 "refiner", "corrector", "limit", "batch_size", "prompt_batch", "workers")
 
 

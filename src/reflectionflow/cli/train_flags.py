@@ -97,7 +97,7 @@ def build_config(cls, args, table) -> object:
     for _, dest, _, _ in table:
         if getattr(args, dest, None) is not None:
             values[dest] = getattr(args, dest)
-    for dest in ("compile", "bf16", "final_eval", "snapshots"):
+    for dest in ("compile", "bf16", "final_eval", "snapshots", "flip"):
         if getattr(args, dest, None) is not None:
             values[dest] = getattr(args, dest)
     if getattr(args, "template_captions", False):

@@ -22,6 +22,8 @@ VERIFIER = [
     ("--harvest", "harvest", name_list, "harvest folders (genref harvest; comma-separated, one per round): the "
      "search's labelled candidates are the pool (its share of a batch: --generator-share)"),
     ("--holdout", "holdout", float, "share of the harvests' searches held out for calibration and scores"),
+    ("--scene-weight", "scene_weight", float, "weight of the scene head's per-patch class/colour loss beside "
+     "the yes/no loss (0: no scene head)"),
 ]
 
 REFLECTOR = [row for row in VERIFIER if row[1] in ("model_size", "p_flaw", "tag_weights", "val_size", "generator",
@@ -37,6 +39,9 @@ def register(tsub: argparse._SubParsersAction) -> None:
                         "the weights (copy it to weights/world-verifier for verifier world-learned).")
     add_common_flags(v)  # the flow-only flags (--cfg, --sample-steps, ...) are refused by the config if given
     add_flags(v, VERIFIER)
+    v.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror pool samples left-right by chance 1/2 (left/right swapped in the prompt, the "
+                   "label judged again)")
     v.set_defaults(func=cmd_world_verifier)
     r = tsub.add_parser("world-reflector", help="the world's learned reflector (image + prompt -> edit commands)",
                         description="The verifier's encoder and a small causal decoder, trained on the oracle "

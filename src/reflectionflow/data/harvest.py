@@ -55,7 +55,8 @@ HARVEST_TAG_WEIGHTS = {"single_object": 0.08, "two_object": 0.22, "counting": 0.
                        "position": 0.22, "color_attr": 0.18}
 COMPONENT_KINDS = ("generator", "verifier", "reflector", "refiner", "corrector")
 # Candidate kinds as the verifier's report names them (engine kinds in brackets).
-KIND_NAMES = {"noise": "noise", "neighbour": "noise", "prompt": "refined", "correct": "corrected"}
+KIND_NAMES = {"noise": "noise", "neighbour": "noise", "prompt": "refined", "correct": "corrected",
+              "resample": "refined"}  # a resample is a fresh sample of the chain's (refined) prompt
 
 
 class HarvestError(ValueError):

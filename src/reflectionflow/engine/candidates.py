@@ -18,7 +18,9 @@ import numpy as np
 
 from ..components import Verdict
 
-CANDIDATE_KINDS = ("noise", "neighbour", "prompt", "correct")  # how a candidate was made
+# How a candidate was made; "resample": a fresh noise sample made in a correction's place, when the
+# reflection asked for no change and the run's on_keep is "resample".
+CANDIDATE_KINDS = ("noise", "neighbour", "prompt", "correct", "resample")
 STAGES = ("generate", "correct", "verify", "reflect", "refine")  # ledger stages
 
 

@@ -6,6 +6,11 @@ requests cut into chunks of `batch_size`; with `workers` > 1 the chunks are in f
 (API-backed judges), and results are put back by chunk position, never by completion order, so
 a verdict or reflection always stays with the image it belongs to. A component that returns a
 different number of results than it was given requests is an error, not a silent shift.
+
+With `on_keep="resample"`, a correction whose reflection asks for no change (`is_keep`) is not
+sent to the corrector: its round becomes a fresh noise sample of the chain's prompt (kind
+"resample", the correction's own seed), since a "keep" edit can only return the same image or a
+broken one.
 """
 
 from __future__ import annotations
@@ -58,6 +63,11 @@ class Job:
     result: GenerationResult | None = None
     verdict: Verdict | None = None
     wall: dict[str, float] = field(default_factory=dict)  # stage -> seconds attributed to this job
+    resampled: bool = False  # a correction made as a fresh noise sample instead (on_keep="resample")
+
+    @property
+    def corrects(self) -> bool:
+        return self.make.correct and not self.resampled
 
     @property
     def prompt_used(self) -> str:
@@ -67,7 +77,7 @@ class Job:
 
     def to_candidate(self, order: int) -> Candidate:
         m, r, v = self.make, self.result, self.verdict
-        stage = "correct" if m.correct else "generate"
+        stage = "correct" if self.corrects else "generate"
         cost = {stage: {"items": 1, "images": 1, "nfe": int(r.nfe)}, "verify": _cost(v)}
         errors = []
         if self.reflection is not None:
@@ -79,7 +89,8 @@ class Job:
             if self.refined.error:
                 errors.append(f"refine: {self.refined.error} (kept the chain's prompt)")
         return Candidate(
-            id=m.id, order=order, kind=m.kind, chain=m.chain, round=m.round, seed=m.seed, prompt=self.prompt_used,
+            id=m.id, order=order, kind="resample" if self.resampled else m.kind, chain=m.chain, round=m.round,
+            seed=m.seed, prompt=self.prompt_used,
             verdict=v, nfe=int(r.nfe), parent=m.parent.id if m.parent is not None else None,
             reflection=self.reflection.text if self.reflection is not None else None,
             file=f"images/{m.id}.png", cost=cost, errors=errors, image=r.image,
@@ -87,8 +98,9 @@ class Job:
 
 
 class Executor:
-    def __init__(self, components: Components, batch_size: int = 64, workers: int = 1):
+    def __init__(self, components: Components, batch_size: int = 64, workers: int = 1, on_keep: str = "correct"):
         self.c = components
+        self.on_keep = on_keep
         self.batch_size = batch_size
         self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
@@ -151,7 +163,11 @@ class Executor:
         for j, r in zip(fj, self._stage("refine", fj, "refiner", _method(c.refiner, "refine"), reqs, RefinedPrompt)):
             j.refined = r
         # 3. new images: corrections of parents, or generations from noise
-        cj = [j for j in jobs if j.make.correct]
+        if self.on_keep == "resample":
+            for j in jobs:
+                r = j.reflection
+                j.resampled = j.make.correct and r is not None and not r.error and is_keep(r.text)
+        cj = [j for j in jobs if j.corrects]
         if cj and c.corrector is None:
             raise ComponentError("this method needs a corrector; none is configured")
         reqs = [CorrectionRequest(image=j.make.parent.load_image(), prompt=j.prompt_used,
@@ -160,13 +176,13 @@ class Executor:
         for j, r in zip(cj, self._stage("correct", cj, "corrector", _method(c.corrector, "correct"), reqs,
                                         GenerationResult)):
             j.result = r
-        gj = [j for j in jobs if not j.make.correct]
+        gj = [j for j in jobs if not j.corrects]
         reqs = [GenerationRequest(prompt=j.prompt_used, seed=j.make.seed, noise=j.make.noise) for j in gj]
         for j, r in zip(gj, self._stage("generate", gj, "generator", c.generator.generate, reqs, GenerationResult)):
             j.result = r
         for j in jobs:
             r = j.result
-            kind = "corrector" if j.make.correct else "generator"
+            kind = "corrector" if j.corrects else "generator"
             if r.error or r.image is None:
                 raise ComponentError(f"{kind} {c.names.get(kind, kind)!r} failed on prompt {j.prompt_index} "
                                      f"candidate {j.make.id}: {r.error or 'no image'}")
@@ -180,6 +196,19 @@ class Executor:
                                [(j.result.image, j.original) for j in jobs], Verdict)
         for j, v in zip(jobs, verdicts):
             j.verdict = v
+
+
+# What reflectors write when nothing needs changing (compared lower-case, without bullets and the
+# final full stop); an empty reflection says the same.
+KEEP_PHRASES = frozenset({"keep the image unchanged", "keep the image as it is", "no changes needed",
+                          "no change needed", "no changes", "no change", "nothing to change", "none"})
+
+
+def is_keep(text: str) -> bool:
+    """Whether a reflection asks for no change: no line, or only lines of KEEP_PHRASES."""
+    lines = [ln.strip().lstrip("-*• ").rstrip(". ").lower() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    return all(ln in KEEP_PHRASES for ln in lines)
 
 
 def _cost(result: Verdict | Reflection | RefinedPrompt) -> dict:

@@ -106,7 +106,8 @@ class Engine:
         self.c = components
         self.folder = folder
         self.method = SEARCH_METHODS[config.method]
-        self.executor = Executor(components, batch_size=config.batch_size, workers=config.workers)
+        self.executor = Executor(components, batch_size=config.batch_size, workers=config.workers,
+                                 on_keep=config.on_keep)
         self.bar = progress
         self._best: dict[int, float] = {}
         self._done = 0
@@ -249,6 +250,8 @@ class Engine:
         want = {"kind": m.kind, "chain": m.chain, "round": m.round, "seed": m.seed, "order": order,
                 "parent": m.parent.id if m.parent is not None else None}
         got = {k: rec.get(k) for k in want}
+        if m.correct and got["kind"] == "resample" and self.config.on_keep == "resample":
+            got["kind"] = m.kind  # made in the correction's place (executor.py)
         if got != want:
             raise RunFolderError(f"{self.folder.trace_path(r.spec.index)}: candidate {m.id} was made by another "
                                  f"search ({got} vs {want}); resume with the run's own settings or choose "

@@ -5,6 +5,10 @@ prompt; image and text tokens then attend to each other jointly (as in the MMDiT
 attention: image tokens read the text, text tokens read the image) behind a [CLS] token whose
 logit is the answer to "does this image match the prompt?". It sees only pixels and prompt text:
 never the evaluator, the metadata or the category tag.
+
+With `scene_head`, a linear head on the image tokens also names, for every 8x8 patch, the class
+and the colour of the object that covers it (or none): a training-time auxiliary task (dense
+supervision from the same evaluator's detections) that the yes/no answer never reads.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..world.commands import VOCABULARY
+from ..world.spec import CLASSES, COLOR_NAMES
 from .batching import per_sample
 from .text import PAD_ID, TextEncoder, Tokenizer, _EncoderLayer
 
@@ -34,6 +39,7 @@ class VerifierConfig:
     max_text_len: int = 32
     vocab: tuple[str, ...] = field(default_factory=lambda: tuple(VOCABULARY))
     temperature: float = 1.0  # P(yes) = sigmoid(logit / temperature), fitted on held-out data (calibration)
+    scene_head: bool = False  # the auxiliary per-patch class/colour head (training only)
 
     def __post_init__(self):
         self.vocab = tuple(self.vocab)
@@ -48,6 +54,10 @@ class VerifierConfig:
         d = asdict(self)
         d["vocab"] = list(self.vocab)
         return d
+
+
+SCENE_CLASSES = 1 + len(CLASSES)  # the scene head's class outputs: none, then CLASSES in order
+SCENE_COLORS = 1 + len(COLOR_NAMES)  # its colour outputs: none, then COLOR_NAMES in order
 
 
 # Sizes as one-line factories (DiT's habit); the CLI offers the names.
@@ -73,6 +83,8 @@ class WorldVerifier(nn.Module):
         self.layers = nn.ModuleList([_EncoderLayer(c.width, c.heads) for _ in range(c.layers)])
         self.norm = nn.LayerNorm(c.width)
         self.head = nn.Linear(c.width, 1)
+        # per patch: none + each class, then none + each colour
+        self.scene = nn.Linear(c.width, SCENE_CLASSES + SCENE_COLORS) if c.scene_head else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -87,6 +99,18 @@ class WorldVerifier(nn.Module):
 
     @per_sample  # a score does not depend on what else is scored with it (models/batching.py)
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encode(images, ids)[:, 0]).squeeze(-1)  # (B,)
+
+    def forward_with_scene(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: yes-logits (B,) and the scene head's logits (B, patches, SCENE_CLASSES + SCENE_COLORS)."""
+        if self.scene is None:
+            raise ValueError("this verifier has no scene head (VerifierConfig.scene_head is False)")
+        h = self.encode(images, ids)
+        n = (self.config.image_size // self.config.patch) ** 2
+        return self.head(h[:, 0]).squeeze(-1), self.scene(h[:, 1 : 1 + n])
+
+    def encode(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The joint layers' normed output (B, 1 + patches + L, width): [CLS], image, text tokens."""
         B = images.shape[0]
         x = images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
         img = self.patchify(x).flatten(2).transpose(1, 2) + self.image_pos  # (B, N, W)
@@ -96,7 +120,7 @@ class WorldVerifier(nn.Module):
                           ids != PAD_ID], 1)  # (B, 1 + N + L): pads are never attended to
         for layer in self.layers:
             h = layer(h, keep)
-        return self.head(self.norm(h[:, 0])).squeeze(-1)  # (B,)
+        return self.norm(h)
 
     @torch.no_grad()
     def p_yes(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -247,7 +247,7 @@ def _prompt_section(folder: RunFolder, i: int, open_: bool, counter: list[int], 
         parts.append(f"<div class=label>{label}</div><div class=grid>"
                      + "".join(_card(c, ctx) for c in leaves) + "</div>")
     def chains_of(c: Candidate) -> list[int]:
-        return sorted({k.chain for k in kids[c.id] if k.kind in ("correct", "prompt")})
+        return sorted({k.chain for k in kids[c.id] if k.kind in ("correct", "prompt", "resample")})
 
     # Chains in their own order (chain 0 first), whatever pool image each continues.
     for c in sorted(trees, key=lambda c: (min(chains_of(c), default=1 << 30), c.order)):

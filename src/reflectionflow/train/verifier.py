@@ -8,6 +8,15 @@ generator's own samples (made once, OUT/pool.npz). Every label is the exact GenE
 evaluator's verdict on the rendered pixels, so a planted flaw that happens not to matter (an extra
 object of an unnamed class) is labelled yes, as the evaluator says.
 
+Two options for the finite pool of generator samples (a harvest has tens of thousands, which the
+model can memorise):
+- `flip`: each pool sample is, by chance 1/2, mirrored left-right with "left" and "right" swapped
+  in its prompt, labelled by the evaluator on the mirrored image and prompt (every shape is
+  symmetric about its vertical axis, so the label almost always stays; it is judged, not assumed);
+- `scene_weight`: the verifier's scene head (models/verifier.py) learns, for every 8x8 patch, the
+  class and colour of the detected object covering it (`scene_maps`), with this weight beside the
+  yes/no loss: dense targets from the same detections the labels come from.
+
 Batch `s` is a function of (seed, s) and the pool, so a resumed run sees exactly the batches the
 interrupted one would have. Trained by train/loop.py's loop, its run folder: train_config.json,
 log.jsonl, checkpoint/ (exact resume), and OUT/verifier (the shippable weights, with every checkpoint).
@@ -27,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..models.verifier import SIZES, WorldVerifier
+from ..models.verifier import SCENE_CLASSES, SIZES, WorldVerifier
 from ..world import spec
-from ..world.evaluate import evaluate_image
+from ..world.detect import detect, foreground
+from ..world.evaluate import evaluate_detections, evaluate_image
 from ..world.flaws import FLAW_KINDS, plant_flaw
 from ..world.render import render, sample_scene
 from .corrector_pool import check_harvests, load_harvests
@@ -57,12 +67,16 @@ class WorldVerifierConfig(TrainConfig):
     harvest: tuple[str, ...] = ()  # harvest folders (genref harvest, one per round): the pool instead
     holdout: float = 0.1  # share of a harvest's searches (prompt x method) held out: calibration and scores
     val_size: int = 1024  # held-out renders (validation prompts, small seeds) scored at each log
+    flip: bool = False  # mirror pool samples left-right (prompt's left/right swapped, label re-judged)
+    scene_weight: float = 0.0  # weight of the per-patch class/colour loss (0: no scene head)
     ckpt_every: int = 500
     log_every: int = 100
 
     def validate(self) -> WorldVerifierConfig:
         super().validate()
         check_judge_data(self, SIZES)
+        if not 0.0 <= self.scene_weight <= 10.0:
+            raise ValueError(f"scene_weight must be in [0, 10], got {self.scene_weight}")
         return self
 
 
@@ -113,14 +127,83 @@ def flawed_render(meta: dict, seed: int, p_flaw: float) -> np.ndarray:
     return render(scene)
 
 
-def labelled_renders(metas: list[dict], seeds: list[int], p_flaw: float) -> tuple[np.ndarray, np.ndarray]:
+def labelled_renders(metas: list[dict], seeds: list[int], p_flaw: float,
+                     maps: bool = False) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Renders and the evaluator's labels; with `maps`, their scene maps too (scene_maps)."""
     images = np.stack([flawed_render(m, s, p_flaw) for m, s in zip(metas, seeds)])  # (B, 64, 64, 3)
-    labels = np.array([evaluate_image(img, m).correct for img, m in zip(images, metas)], dtype=np.float32)
-    return images, labels
+    dets = [detect(img) for img in images]
+    labels = np.array([evaluate_detections(d, m).correct for d, m in zip(dets, metas)], dtype=np.float32)
+    if not maps:
+        return images, labels
+    return images, labels, np.stack([scene_maps(img, d) for img, d in zip(images, dets)])
+
+
+PATCH = 8  # the verifier's patch side in pixels (VerifierConfig.patch of every size)
+MIN_PATCH_PIXELS = 6  # an object names a patch when it covers at least this many of its 64 pixels
+
+
+def scene_maps(image: np.ndarray, dets) -> np.ndarray:
+    """(2, 8, 8) int64 for a 64x64 image: per 8x8 patch, 0 or 1 + the index in spec.CLASSES of the
+    detected object covering most of its foreground pixels (row 0), and 0 or 1 + its colour's index
+    in spec.COLOR_NAMES (row 1); 0 where no detection covers MIN_PATCH_PIXELS of the patch."""
+    size = image.shape[0]
+    fg = foreground(image)
+    owner = np.full((size, size), -1, dtype=np.int64)
+    for k in range(len(dets) - 1, -1, -1):  # the most confident detection wins overlapping boxes
+        x1, y1, x2, y2 = dets[k].box
+        region = owner[y1:y2, x1:x2]
+        region[fg[y1:y2, x1:x2]] = k
+    g = size // PATCH
+    cells = owner.reshape(g, PATCH, g, PATCH).transpose(0, 2, 1, 3).reshape(g, g, PATCH * PATCH)
+    out = np.zeros((2, g, g), dtype=np.int64)
+    best = np.zeros((g, g), dtype=np.int64)
+    for k, d in enumerate(dets):
+        counts = (cells == k).sum(-1)  # (g, g): the patch's pixels this detection owns
+        take = (counts >= MIN_PATCH_PIXELS) & (counts > best)
+        out[0][take] = 1 + spec.CLASSES.index(d.cls)
+        out[1][take] = 1 + spec.COLOR_NAMES.index(d.color)
+        best = np.maximum(best, counts)
+    return out
+
+
+def flip_prompt(prompt: str) -> str:
+    """The prompt of the mirrored image: "left" and "right" swapped."""
+    swap = {"left": "right", "right": "left"}
+    return " ".join(swap.get(w, w) for w in prompt.split(" "))
+
+
+def _pool_extras_chunk(job) -> tuple[np.ndarray, np.ndarray]:
+    images, prompts = job
+    maps, flipped = [], []
+    for img, prompt in zip(images, prompts):
+        maps.append(scene_maps(img, detect(img)))
+        try:
+            meta = spec.parse_prompt(flip_prompt(prompt))
+            flipped.append(float(evaluate_image(np.ascontiguousarray(img[:, ::-1]), meta).correct))
+        except spec.PromptError:  # not a prompt of the world's grammar: never mirrored
+            flipped.append(np.nan)
+    return np.stack(maps) if maps else np.zeros((0, 2, 8, 8), np.int64), np.array(flipped, dtype=np.float32)
+
+
+def pool_extras(pool: dict, workers: int = 1, chunk: int = 512) -> None:
+    """Adds to a pool, in place: `maps` (scene_maps of every image) and `flip_labels` (the
+    evaluator's verdict on each image mirrored, against its mirrored prompt; NaN: never mirrored)."""
+    images, prompts = pool["images"], pool["prompts"]
+    jobs = [(images[i : i + chunk], prompts[i : i + chunk]) for i in range(0, len(prompts), chunk)]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(min(workers, len(jobs))) as procs:  # numpy only: safe after CUDA
+            parts = procs.map(_pool_extras_chunk, jobs)
+    else:
+        parts = [_pool_extras_chunk(j) for j in jobs]
+    pool["maps"] = np.concatenate([m for m, _ in parts]) if parts else np.zeros((0, 2, 8, 8), np.int64)
+    pool["flip_labels"] = np.concatenate([f for _, f in parts]) if parts else np.zeros(0, np.float32)
 
 
 class VerifierData(StepBatches):
-    """Batch `step` -> (images uint8 (B, H, W, 3), prompts, labels (B,) in {0, 1}); iterated from
+    """Batch `step` -> (images uint8 (B, H, W, 3), prompts, labels (B,) in {0, 1}, scene maps
+    (B, 2, 8, 8) or None without cfg.scene_weight); iterated from
     `start_step`, worker w of n making steps start+w, start+w+n, ... (rendering and judging on the
     CPU is the cost, so DataLoader workers make the batches)."""
 
@@ -137,14 +220,30 @@ class VerifierData(StepBatches):
         tags = rng.choice(len(spec.TAGS), size=cfg.batch_size - n_gen, p=self.p)
         metas = [self.pools[t][rng.integers(len(self.pools[t]))] for t in tags]
         seeds = rng.integers(TRAIN_SEED_FLOOR, 2**62, size=len(metas)).tolist()
-        images, labels = labelled_renders(metas, seeds, cfg.p_flaw)
+        scene = cfg.scene_weight > 0
+        images, labels, *maps = labelled_renders(metas, seeds, cfg.p_flaw, maps=scene)
         prompts = [m["prompt"] for m in metas]
         if n_gen:
-            idx = rng.integers(len(self.pool["labels"]), size=n_gen)
-            images = np.concatenate([images, self.pool["images"][idx]])
-            labels = np.concatenate([labels, self.pool["labels"][idx]])
-            prompts += [self.pool["prompts"][i] for i in idx]
-        return torch.from_numpy(images), prompts, torch.from_numpy(labels)
+            pool = self.pool
+            idx = rng.integers(len(pool["labels"]), size=n_gen)
+            gen_images, gen_labels = pool["images"][idx], pool["labels"][idx]
+            gen_prompts = [pool["prompts"][i] for i in idx]
+            gen_maps = pool["maps"][idx] if scene else None
+            if cfg.flip:
+                coin = rng.random(n_gen) < 0.5
+                coin &= ~np.isnan(pool["flip_labels"][idx])
+                gen_images = np.where(coin[:, None, None, None], gen_images[:, :, ::-1], gen_images)
+                gen_labels = np.where(coin, pool["flip_labels"][idx], gen_labels).astype(np.float32)
+                gen_prompts = [flip_prompt(p) if c else p for p, c in zip(gen_prompts, coin)]
+                if scene:
+                    gen_maps = np.where(coin[:, None, None, None], gen_maps[:, :, :, ::-1], gen_maps)
+            images = np.concatenate([images, gen_images])
+            labels = np.concatenate([labels, gen_labels])
+            prompts += gen_prompts
+            if scene:
+                maps = [np.concatenate([maps[0], gen_maps])]
+        return (torch.from_numpy(np.ascontiguousarray(images)), prompts, torch.from_numpy(labels),
+                torch.from_numpy(maps[0]) if scene else None)
 
 
 def build_pool(cfg, dev: torch.device) -> dict:
@@ -322,28 +421,41 @@ class VerifierTrainResult:
 
 
 def train_world_verifier(cfg: WorldVerifierConfig) -> VerifierTrainResult:
-    run = start_run(cfg, lambda: WorldVerifier(SIZES[cfg.model_size]()))
+    scene = cfg.scene_weight > 0
+    run = start_run(cfg, lambda: WorldVerifier(SIZES[cfg.model_size](scene_head=scene)))
     model, dev = run.model, run.device
     held = None
     if cfg.harvest:
         pool, held = harvest_pool(cfg.harvest, cfg.holdout)
     else:
         pool = build_pool(cfg, dev) if cfg.generator else None
+    if pool is not None and (cfg.flip or scene):
+        pool_extras(pool, workers=max(1, cfg.num_workers))
     data = VerifierData(cfg, pool, start_step=run.step)
     batches = iter(DataLoader(data, batch_size=None, num_workers=cfg.num_workers,
                               prefetch_factor=4 if cfg.num_workers else None))
-    fwd = torch.compile(model) if cfg.compile else model
+    step_fn = model.forward_with_scene if scene else model
+    fwd = torch.compile(step_fn) if cfg.compile else step_fn
     val = validation_set(cfg) if cfg.val_size else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda")
 
     def batch_loss(batch, step: int):
-        images, prompts, labels = batch
+        images, prompts, labels, maps = batch
         labels = labels.to(dev)
         with autocast:
-            logits = fwd(images.to(dev), model.tokenizer(prompts).to(dev))  # (B,)
+            out = fwd(images.to(dev), model.tokenizer(prompts).to(dev))  # (B,) [, (B, patches, C)]
+        logits = out[0] if scene else out
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
         right = ((logits.detach() > 0).float() == labels).float().mean()
-        return loss, {"train_accuracy": right, "yes_share": labels.mean()}
+        extra = {"train_accuracy": right, "yes_share": labels.mean()}
+        if scene:
+            per_patch = out[1].float()  # (B, N, classes + colours)
+            target = maps.to(dev).flatten(2)  # (B, 2, N)
+            cls_loss = F.cross_entropy(per_patch[..., :SCENE_CLASSES].transpose(1, 2), target[:, 0])
+            col_loss = F.cross_entropy(per_patch[..., SCENE_CLASSES:].transpose(1, 2), target[:, 1])
+            loss = loss + cfg.scene_weight * (cls_loss + col_loss) / 2
+            extra["scene_loss"] = (cls_loss + col_loss).detach() / 2
+        return loss, extra
 
     def validate(step: int, m) -> dict:
         row = {"val_accuracy": accuracy(m, *val)} if val is not None else {}
