@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from reflectionflow.config import RunConfig
-from reflectionflow.engine import best_of_k, generate
+from reflectionflow.engine import best_of_k
+from reflectionflow.pipeline import generate
 
 # (label, RunConfig settings)
 VARIANTS: dict[str, dict] = {

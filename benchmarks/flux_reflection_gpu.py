@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     from reflectionflow.backends.vlm.judges import VLMRefiner, VLMReflector, VLMYesNoVerifier
     from reflectionflow.backends.vlm.options import VLMOptions
     from reflectionflow.config import RunConfig
-    from reflectionflow.engine import Components, generate
+    from reflectionflow.engine import Components
+    from reflectionflow.pipeline import generate
     from reflectionflow.serve import JudgeServer, JudgeService, world_judges
 
     size = "tiny" if args.tiny else "dev"

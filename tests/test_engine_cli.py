@@ -165,8 +165,8 @@ def test_report_on_a_folder_that_is_not_a_run(rf, tmp_path, capsys):
 
 
 def test_default_run_folders_never_collide(tmp_path, monkeypatch):
+    from reflectionflow.cli.generate import default_out
     from reflectionflow.config import RunConfig
-    from reflectionflow.engine.cli import default_out
 
     monkeypatch.chdir(tmp_path)
     cfg = RunConfig(method="noise", budget=2)

@@ -21,8 +21,9 @@ import pytest
 
 from reflectionflow.components import build
 from reflectionflow.config import RunConfig
-from reflectionflow.engine import Components, DistContext, DistributedError, generate, my_share, work_units
+from reflectionflow.engine import Components, DistContext, DistributedError, my_share, work_units
 from reflectionflow.engine.distributed import launch_note
+from reflectionflow.pipeline import generate
 
 from .conftest import STAND_INS
 from .test_engine_support import Counting, done_markers, outputs, run, subset_file

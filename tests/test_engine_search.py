@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from reflectionflow.config import RunConfig
-from reflectionflow.engine import METHODS, derive_seed, generate
+from reflectionflow.engine import METHODS, derive_seed
 from reflectionflow.engine import backends as engine_backends
 from reflectionflow.engine.candidates import Candidate
 from reflectionflow.engine.noise import neighbours
+from reflectionflow.pipeline import generate
 from reflectionflow.world.data import resolve_prompts
 
 from .test_engine_support import run, subset_file

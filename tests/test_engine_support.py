@@ -7,7 +7,7 @@ from pathlib import Path
 
 from reflectionflow.components import Corrector, Generator, Verifier
 from reflectionflow.config import RunConfig
-from reflectionflow.engine import generate
+from reflectionflow.pipeline import generate
 from reflectionflow.world import data
 from reflectionflow.world.spec import TAGS
 

@@ -343,7 +343,7 @@ def test_bad_input_is_one_line_exit_2_before_any_weights_load(assets, serve, rf,
 
 def test_config_file_settings_under_flags_and_no_key_in_a_config_file(tmp_path, monkeypatch):
     from reflectionflow.cli import build_parser
-    from reflectionflow.engine.cli import build_config
+    from reflectionflow.cli.generate import build_config
 
     conf = tmp_path / "flux.json"
     conf.write_text(json.dumps({"backend": "flux", "method": "noise", "backend_options": {

@@ -22,7 +22,8 @@ from reflectionflow.backends.flux.random_init import random_flux_pipeline, save_
 from reflectionflow.backends.vlm import prompts as P  # noqa: E402
 from reflectionflow.backends.vlm.options import VLMOptions  # noqa: E402
 from reflectionflow.config import RunConfig  # noqa: E402
-from reflectionflow.engine import Components, generate  # noqa: E402
+from reflectionflow.engine import Components  # noqa: E402
+from reflectionflow.pipeline import generate  # noqa: E402
 from reflectionflow.serve import JudgeServer, JudgeService, world_judges  # noqa: E402
 
 SECRET = "sk-e2e-2b9f-NEVER-WRITTEN"

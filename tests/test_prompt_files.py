@@ -9,8 +9,9 @@ from dataclasses import replace
 import pytest
 
 from reflectionflow.config import RunConfig
-from reflectionflow.engine import METHODS, generate
+from reflectionflow.engine import METHODS
 from reflectionflow.engine import backends as engine_backends
+from reflectionflow.pipeline import generate
 from reflectionflow.world import data
 from reflectionflow.world.spec import PromptError
 

@@ -112,7 +112,7 @@ def test_world_corrector_lead_command_line_parses(generator, tmp_path):
     """The H100 command of the shipped corrector (weights/MODEL_CARD.md) with partial-noise starts."""
     import argparse
 
-    from reflectionflow.train.cli import COMMON, CORRECTOR, build_config, register
+    from reflectionflow.cli.train import COMMON, CORRECTOR, build_config, register
     from reflectionflow.train.corrector import WorldCorrectorConfig
 
     parser = argparse.ArgumentParser()

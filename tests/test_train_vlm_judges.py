@@ -116,7 +116,8 @@ def verifier_run(world, tmp_path_factory):
 
 def test_verifier_trains_exports_and_scores_in_the_engine(world, verifier_run, tmp_path):
     from reflectionflow.config import RunConfig
-    from reflectionflow.engine import Components, generate
+    from reflectionflow.engine import Components
+    from reflectionflow.pipeline import generate
 
     cfg, res = verifier_run
     assert res.step == 2 and (res.out / Q.REWARD_CONFIG).is_file()

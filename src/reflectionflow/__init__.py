@@ -7,7 +7,7 @@ The Python API is `ReflectionFlowPipeline` (reflectionflow.pipeline, docs/api.md
     out = pipe("a photo of a red circle and a blue square", budget=8)
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = ("ArgumentError", "Ledger", "PipelineOutput", "ReflectionFlowPipeline", "StageCost", "TraceEntry")
 __all__ = ["__version__", *_API]

@@ -8,13 +8,16 @@
     print(out.selected[0].score, out.ledger.images, len(out.traces[0]))
 
 `from_pretrained` builds the components once (this is where weights load); each call searches its
-prompts with `engine.generate`, the code path of `reflectionflow generate`, and returns dataclasses:
+prompts with `generate`, the code path of `reflectionflow generate`, and returns dataclasses:
 `PipelineOutput` (images, selected candidates, traces, the ledger). Without `output_dir` the run
 folder is a temporary one, removed once everything is read back; with it the folder is kept, in
 GenEval's layout, with report.html, and `resume=True` continues it.
 
 Bad input raises `ArgumentError` (a ValueError) naming the argument, before any search starts.
 docs/api.md documents every argument.
+
+`generate(config, out, ...)` is the same run as a function of a RunConfig: the engine's search,
+then report.html.
 """
 
 from __future__ import annotations
@@ -31,9 +34,27 @@ from .config import COMPONENT_KINDS, RunConfig
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from .engine import RunResult
     from .engine.executor import Components
 
-__all__ = ["ArgumentError", "Ledger", "PipelineOutput", "ReflectionFlowPipeline", "StageCost", "TraceEntry"]
+__all__ = ["ArgumentError", "Ledger", "PipelineOutput", "ReflectionFlowPipeline", "StageCost", "TraceEntry",
+           "generate"]
+
+
+def generate(config: RunConfig, out: str | Path, prompt: str | Sequence[str] | None = None, *,
+             report: bool = True, **search) -> RunResult:
+    """`reflectionflow generate` as a function: `engine.search` (every check, the components, the
+    search, the run folder and its ledger; `search` holds its other arguments: prompts, resume,
+    components, progress, secrets, dist), then, with `report`, report.html (rank 0 of several
+    processes writes it, once all have finished)."""
+    from .engine import search as run_search
+
+    result = run_search(config, out, prompt=prompt, **search)
+    if report and result.rank == 0:
+        from .report import write_report
+
+        write_report(result.out)
+    return result
 
 
 class ArgumentError(ValueError):
@@ -259,7 +280,7 @@ class ReflectionFlowPipeline:
         zero-order, prompt or reflection; `pool + chains x depth == budget` (filled in when not
         given). `evaluate`: the exact evaluator's verdict on every candidate of a world prompt.
         """
-        from .engine import component_names, generate
+        from .engine import component_names
         from .runs import RunFolder
 
         if prompt is None and prompts is None:

@@ -1,12 +1,14 @@
 """The scaling engine: noise, prompt and reflection axes over the five component interfaces.
 
     from reflectionflow.config import RunConfig
-    from reflectionflow.engine import generate
-    result = generate(RunConfig(method="reflection", budget=8), prompts="geneval-shapes", out="runs/x")
+    from reflectionflow.engine import search
+    result = search(RunConfig(method="reflection", budget=8), prompts="geneval-shapes", out="runs/x")
 
-`generate` checks everything (config, prompts, the backend's folders and endpoint, output folder)
-before any component is built, then searches, writes the run folder (runs.py), the ledger and
-report.html. `secrets` (the flux backend's API key) reach the backend's checks and components only.
+`search` checks everything (config, prompts, the backend's folders and endpoint, output folder)
+before any component is built, then searches and writes the run folder (runs.py) and the ledger.
+report.html is a view of a finished run folder, a floor above (report/): `pipeline.generate` is
+`search` followed by the report. `secrets` (the flux backend's API key) reach the backend's checks
+and components only.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ __all__ = [
     "BACKENDS", "METHODS", "SEARCH_METHODS", "Candidate", "Components", "DistContext", "DistributedError",
     "EngineError", "Executor",
     "Make", "NeedBudget", "Prepared", "PromptSpec", "RunResult", "best_of_k", "build_components", "derive_seed",
-    "generate", "my_share", "prepare", "resolve_prompt_list", "run", "work_units", "write_ledger",
+    "my_share", "prepare", "resolve_prompt_list", "run", "search", "work_units", "write_ledger",
 ]
 
 
@@ -82,7 +84,7 @@ def limit_specs(specs: list[PromptSpec], n: int) -> list[PromptSpec]:
 
 @dataclass
 class Prepared:
-    """A run that passed every check: what `generate` needs to build and search."""
+    """A run that passed every check: what `search` needs to build and search."""
 
     config: RunConfig  # resolved: budget split, component names, the backend's settings
     prompts: list[dict]  # every prompt line (the run's identity; --limit applies to specs)
@@ -110,14 +112,13 @@ def prepare(config: RunConfig, out: str | Path, prompt: str | Sequence[str] | No
     return Prepared(config=config, prompts=metas, specs=specs, folder=folder, continuing=continuing, plan=plan)
 
 
-def generate(config: RunConfig, out: str | Path, prompt: str | Sequence[str] | None = None,
-             prompts: str | None = None, resume: bool = False, components: Components | None = None,
-             progress: bool = False,
-             report: bool = True, secrets: Mapping[str, str] | None = None,
-             dist: DistContext | None = None) -> RunResult:
+def search(config: RunConfig, out: str | Path, prompt: str | Sequence[str] | None = None,
+           prompts: str | None = None, resume: bool = False, components: Components | None = None,
+           progress: bool = False, secrets: Mapping[str, str] | None = None,
+           dist: DistContext | None = None) -> RunResult:
     """Check, build the components (unless given: the backend's own checks are then skipped), search
-    and write the run folder. `secrets`: what the backend's components need and no file may hold
-    (the flux backend's API key), as the CLI read it from the environment. `dist`: this process's
+    and write the run folder and its ledger. `secrets`: what the backend's components need and no
+    file may hold (the flux backend's API key), as the CLI read it from the environment. `dist`: this process's
     place among several that run the same call (distributed.py); each searches its share."""
     p = prepare(config, out, prompt, prompts, resume, secrets=secrets, check=components is None)
     t0 = time.perf_counter()
@@ -127,4 +128,4 @@ def generate(config: RunConfig, out: str | Path, prompt: str | Sequence[str] | N
         components = replace(components, names=components.names or component_names(p.config))
     load_s = time.perf_counter() - t0
     return run(p.config, p.specs, components, p.folder, all_prompts=p.prompts, resumed=p.continuing,
-               progress=progress, report=report, load_s=load_s, dist=dist)
+               progress=progress, load_s=load_s, dist=dist)

@@ -15,9 +15,9 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__
 from ..config import METHODS, RunConfig
 from ..runs import RunFolder, RunFolderError, prompts_fingerprint
+from ..version import __version__
 from .candidates import Candidate, Make, NeedBudget, best
 from .chains import prompt_chains, reflection_flow
 from .context import Method, PromptContext
@@ -302,15 +302,15 @@ def share_group(config: RunConfig) -> int:
 
 def run(config: RunConfig, prompts: Sequence[PromptSpec], components: Components, folder: RunFolder,
         all_prompts: Sequence[dict] | None = None, resumed: bool = False, progress: bool = False,
-        report: bool = True, load_s: float = 0.0, dist: DistContext | None = None) -> RunResult:
-    """Search every prompt, then write ledger.json and report.html.
+        load_s: float = 0.0, dist: DistContext | None = None) -> RunResult:
+    """Search every prompt, then write ledger.json (report.html is the caller's: pipeline.generate).
 
     `all_prompts` is the full prompt list the run was started from (before --limit); its
     fingerprint is part of the run's identity in config.json.
 
     With `dist` (one of several processes: distributed.py), every process calls this with the same
     arguments and searches its share of the prompts not yet done; rank 0 writes config.json before
-    anyone else writes, and ledger.json and report.html once every process has finished. Its
+    anyone else writes, and ledger.json once every process has finished. Its
     result then covers the whole run; another rank's covers its share and has no ledger.
     """
     t0 = time.perf_counter()
@@ -361,9 +361,5 @@ def run(config: RunConfig, prompts: Sequence[PromptSpec], components: Components
         session |= {"load_s": max(s["load_s"] for s in sessions), "processes": dist.world_size, "ranks": sessions}
     indices = list(by_index)
     ledger = write_ledger(folder, indices, config.budget, components.names, session)
-    if report:
-        from ..report import write_report
-
-        write_report(folder.root)
     selected = {i: d for i in indices if (d := folder.read_done(i)) is not None}
     return RunResult(out=folder.root, ledger=ledger, selected=selected, resumed=resumed, processes=dist.world_size)

@@ -84,10 +84,10 @@ def sweep(base: RunConfig, methods: list[str], verifiers: list[str], budget: int
           progress: bool = False, secrets=None, dist: DistContext | None = None) -> dict | None:
     """Run every (method, verifier), then (rank 0) write sweep.json, sweep.md and sweep.png.
 
-    Every process calls this with the same arguments; `generate` shares each run's prompts among
+    Every process calls this with the same arguments; `search` shares each run's prompts among
     them and waits for all before it returns, so rank 0 reads finished folders. Other ranks get None.
     """
-    from . import generate, prepare
+    from . import prepare, search
 
     dist = dist or DistContext()
     check_sweep(methods, verifiers, budget)
@@ -111,8 +111,8 @@ def sweep(base: RunConfig, methods: list[str], verifiers: list[str], budget: int
                 if m == "noise" and v != verifiers[0] and v in built}
     for (m, v), cfg in configs.items():
         if (m, v) not in rescored:
-            generate(cfg, out / "runs" / run_name(m, v), prompt=prompt, prompts=prompts, resume=again[m, v],
-                     progress=progress, report=False, secrets=secrets, dist=dist)
+            search(cfg, out / "runs" / run_name(m, v), prompt=prompt, prompts=prompts, resume=again[m, v],
+                   progress=progress, secrets=secrets, dist=dist)
     result = None
     if dist.is_main:
         points = []

@@ -1,29 +1,20 @@
 """The `reflectionflow` command line: parse, validate, call library functions.
 
-Each part of the library contributes its sub-commands through a module with
-`register(subparsers)`; handlers raise the library's ValueError subclasses for bad input, which
-become a one-line error and exit code 2 here, before any weights load.
+Every command-line module of the package is here, one a command (or a group): generate.py
+(`generate`, `report`), sweep.py, evaluate.py, world.py, train.py (with train_world_judges.py,
+train_flux.py and train_vlm.py), genref.py, serve.py, compare.py. Each has `register(subparsers)`
+and handlers that turn flags (and, where a command needs it, the environment) into the library's
+arguments; below this package no module parses arguments or reads os.environ. Handlers raise the
+library's ValueError subclasses for bad input, which become a one-line error and exit code 2 here,
+before any weights load.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 
-from . import __version__
-
-# Modules that add sub-commands; a module that is not part of this installation is skipped.
-COMMAND_MODULES = (
-    "reflectionflow.engine.cli",
-    "reflectionflow.engine.sweep_cli",
-    "reflectionflow.world.cli",
-    "reflectionflow.train.cli",
-    "reflectionflow.data.cli",
-    "reflectionflow.backends.cli",
-    "reflectionflow.report.cli",
-)
+from ..version import __version__
 
 
 class UsageError(ValueError):
@@ -38,11 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"reflectionflow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        if importlib.util.find_spec(name.rsplit(".", 1)[0]) is None or importlib.util.find_spec(name) is None:
-            continue
-        importlib.import_module(name).register(sub)
+    # Imported here, not at the top: `python -m reflectionflow.cli.train` loads no other command.
+    from . import compare, evaluate, generate, genref, serve, sweep, train, world
+
+    for module in (generate, sweep, evaluate, world, train, genref, serve, compare):
+        module.register(sub)
     return parser
+
+
+def one_line_errors(parser: argparse.ArgumentParser, name: str) -> None:
+    """argparse prints the whole usage before an error; the project's errors are one line."""
+
+    def error(message: str):
+        parser.exit(2, f"reflectionflow {name}: error: {message}\n")
+
+    parser.error = error
 
 
 MAX_ERROR = 1000  # characters of an error line at most (a 10,000-character prompt is not echoed whole)
@@ -50,7 +51,7 @@ MAX_ERROR = 1000  # characters of an error line at most (a 10,000-character prom
 
 def one_line(err: BaseException) -> str:
     """An error as one line: lines joined, secrets scrubbed, long quoted text cut, at most MAX_ERROR."""
-    from .redact import scrub
+    from ..redact import scrub
 
     return clip(scrub("; ".join(line.strip() for line in str(err).splitlines() if line.strip())))
 

@@ -1,11 +1,14 @@
-"""The `evaluate` command's metric flags and output (world/cli.py registers the command)."""
+"""`reflectionflow evaluate DIR`: score a run folder with the exact GenEval-Shapes evaluator or any metric
+(metrics/): the metric flags, the one reading of the environment (a VLM metric's API key), the output."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..flags import DTYPES, add_batch_size, add_bootstrap, add_device, add_dtype
-from .base import MetricError, MetricOptions
+from ..metrics.base import MetricError, MetricOptions
+from . import one_line_errors
 
 METRIC_HELP = """\
 metrics (--metric NAME, repeatable; default geneval-shapes when every prompt is a Shapes-world one):
@@ -23,7 +26,35 @@ that is the run's own verifier (config.json) is flagged same_as_run_verifier: no
 """
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score a run folder: the exact GenEval-Shapes evaluator, CLIPScore, PickScore, FID, any verifier",
+        description="Score DIR/<NNNNN>/samples/*.png. By default (Shapes-world prompts) apply GenEval's rules\n"
+        "with the world detector: print overall and per-category accuracy; write DIR/results.jsonl and\n"
+        "DIR/scores.json. With --metric NAME, any other metric; it writes DIR/metrics/<NAME>/.",
+        epilog=METRIC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    one_line_errors(p, "evaluate")
+    p.add_argument("dir", help="a GenEval-layout folder (DIR/<NNNNN>/metadata.jsonl, DIR/<NNNNN>/samples/*.png)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary (scores.json / summary.json) as JSON")
+    add_metric_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    import os
+
+    from ..metrics import evaluate_runs
+
+    options = options_from_args(args, os.environ)
+    results = evaluate_runs(Path(args.dir), args.metric, options, progress=not args.quiet)
+    print_results(results, args.json)
+    return 0
+
+
+def add_metric_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", action="append", default=None, metavar="NAME",
                    help="a metric (repeatable); see below. Default: geneval-shapes for Shapes-world prompts")
     m = p.add_argument_group("metric settings")

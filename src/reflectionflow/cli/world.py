@@ -1,30 +1,12 @@
-"""Sub-commands of the Shapes world: `evaluate` and `world sample|prompts|vocabulary`."""
+"""`reflectionflow world sample|prompts|vocabulary`: the Shapes world's ground truth, prompt sets and vocabulary."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..metrics.cli import METRIC_HELP, add_arguments
-
-    p = sub.add_parser(
-        "evaluate",
-        help="score a run folder: the exact GenEval-Shapes evaluator, CLIPScore, PickScore, FID, any verifier",
-        description="Score DIR/<NNNNN>/samples/*.png. By default (Shapes-world prompts) apply GenEval's rules\n"
-        "with the world detector: print overall and per-category accuracy; write DIR/results.jsonl and\n"
-        "DIR/scores.json. With --metric NAME, any other metric; it writes DIR/metrics/<NAME>/.",
-        epilog=METRIC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _one_line_errors(p, "evaluate")
-    p.add_argument("dir", help="a GenEval-layout folder (DIR/<NNNNN>/metadata.jsonl, DIR/<NNNNN>/samples/*.png)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the summary (scores.json / summary.json) as JSON")
-    add_arguments(p)
-    p.set_defaults(func=cmd_evaluate)
-
     w = sub.add_parser("world", help="the Shapes world: draw ground truth, list prompts, show the vocabulary")
     wsub = w.add_subparsers(dest="world_command", metavar="WHAT", required=True)
     s = wsub.add_parser("sample", help="draw ground-truth images in GenEval layout",
@@ -45,35 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--per-category", type=int, default=None, help="prompts per category instead of GenEval's counts")
     pr.set_defaults(func=cmd_prompts)
     v = wsub.add_parser("vocabulary", help="print the templates, classes, colours and relations")
-    v.set_defaults(func=lambda a: print(__import__("reflectionflow.world.spec", fromlist=["x"]).vocabulary_help()))
-
-
-def _one_line_errors(parser: argparse.ArgumentParser, name: str) -> None:
-    # argparse prints the whole usage before an error; the project's errors are one line.
-    def error(message: str):
-        parser.exit(2, f"reflectionflow {name}: error: {message}\n")
-
-    parser.error = error
-
-
-def cmd_evaluate(args) -> int:
-    import os
-
-    from ..metrics import evaluate_runs
-    from ..metrics.cli import options_from_args, print_results
-
-    options = options_from_args(args, os.environ)
-    results = evaluate_runs(Path(args.dir), args.metric, options, progress=not args.quiet)
-    print_results(results, args.json)
-    return 0
+    v.set_defaults(func=cmd_vocabulary)
 
 
 def cmd_sample(args) -> int:
     from tqdm import tqdm
 
     from ..io import atomic_write_text, prompt_dir, sample_name, save_png
-    from .data import resolve_prompts
-    from .render import draw
+    from ..world.data import resolve_prompts
+    from ..world.render import draw
 
     if args.n_samples < 1:
         raise ValueError(f"--n-samples must be >= 1, got {args.n_samples}")
@@ -93,10 +55,17 @@ def cmd_sample(args) -> int:
 
 def cmd_prompts(args) -> int:
     from ..io import atomic_write_text
-    from .spec import TAGS, sample_prompts
+    from ..world.spec import TAGS, sample_prompts
 
     counts = None if args.per_category is None else {t: args.per_category for t in TAGS}
     metas = sample_prompts(counts, seed=args.seed)
     atomic_write_text(args.out, "".join(json.dumps(m) + "\n" for m in metas))
     print(f"wrote {len(metas)} prompts to {args.out}")
+    return 0
+
+
+def cmd_vocabulary(args) -> int:
+    from ..world.spec import vocabulary_help
+
+    print(vocabulary_help())
     return 0

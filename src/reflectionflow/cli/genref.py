@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..flags import add_batch_size
 
 if TYPE_CHECKING:
-    from .build import BuildConfig
+    from ..data.build import BuildConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,8 +49,8 @@ def register_inspect(gsub: argparse._SubParsersAction) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from .genref import GenRefError
-    from .preview import format_report, inspect_shards, save_preview
+    from ..data.genref import GenRefError
+    from ..data.preview import format_report, inspect_shards, save_preview
 
     if args.per_subset < 1:
         raise GenRefError(f"--per-subset must be >= 1, got {args.per_subset}")
@@ -76,8 +76,8 @@ def cmd_inspect(args) -> int:
 
 
 def _mix(text: str) -> dict:
+    from ..data.build import SOURCES
     from ..flags import name_weights
-    from .build import SOURCES
 
     return name_weights(text, "SOURCE", SOURCES)
 
@@ -106,7 +106,7 @@ genref_cot.jsonl. See docs/scale-out.md.
 
 def register_build(gsub: argparse._SubParsersAction) -> None:
     from ..backends.flux.options import add_arguments as flux_arguments
-    from .build import DEFAULT_MIX
+    from ..data.build import DEFAULT_MIX
 
     p = gsub.add_parser(
         "build", help="build GenRef triplet shards from the four sources (world or FLUX with VLM judges)",
@@ -158,7 +158,7 @@ def config_from_args(args, environ: Mapping[str, str]) -> tuple[BuildConfig, dic
     """(BuildConfig, secrets) from the flags; the flux backend's API key comes from `environ`."""
     from ..backends.flux.options import given_options
     from ..components import KINDS
-    from .build import DEFAULT_MIX, WORLD_DEFAULTS, BuildConfig, BuildError
+    from ..data.build import DEFAULT_MIX, WORLD_DEFAULTS, BuildConfig, BuildError
 
     common = dict(out=args.out, n=args.n, backend=args.backend, seed=args.seed,
                   mix=args.mix if args.mix is not None else dict(DEFAULT_MIX), shard_size=args.shard_size,
@@ -184,9 +184,9 @@ def config_from_args(args, environ: Mapping[str, str]) -> tuple[BuildConfig, dic
 
 
 def cmd_build(args) -> int:
-    from ..engine.cli import launched
+    from ..data.build import BuildFailed, build_genref
     from ..engine.distributed import DistributedError
-    from .build import BuildFailed, build_genref
+    from .generate import launched
 
     cfg, secrets = config_from_args(args, os.environ)
     try:
@@ -201,7 +201,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .build import merge_build
+    from ..data.build import merge_build
 
     print(json.dumps(merge_build(args.dir)))
     return 0
@@ -211,8 +211,8 @@ def flux_config_from_args(args, environ: Mapping[str, str], common: dict) -> tup
     """(BuildConfig, secrets) as `generate --backend flux` reads them: the key from `environ`, from the
     variable --vlm-api-key-env names; the config holds only the public settings."""
     from ..backends.flux.options import settings_from_args
-    from .build import BuildConfig
-    from .build_flux import DEFAULTS
+    from ..data.build import BuildConfig
+    from ..data.build_flux import DEFAULTS
 
     settings, secrets = settings_from_args(args, environ, {})
     names = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
@@ -224,7 +224,7 @@ def flux_config_from_args(args, environ: Mapping[str, str], common: dict) -> tup
 
 
 def register_harvest(gsub: argparse._SubParsersAction) -> None:
-    from .harvest import COMPONENT_KINDS, HARVEST_METHODS
+    from ..data.harvest import COMPONENT_KINDS, HARVEST_METHODS
 
     p = gsub.add_parser(
         "harvest",
@@ -259,7 +259,7 @@ def register_harvest(gsub: argparse._SubParsersAction) -> None:
 
 
 def cmd_harvest(args) -> int:
-    from .harvest import COMPONENT_KINDS, HarvestConfig, harvest
+    from ..data.harvest import COMPONENT_KINDS, HarvestConfig, harvest
 
     cfg = HarvestConfig(
         out=args.out, round=args.round, prompts=args.prompts, prompt_seed=args.prompt_seed, seed=args.seed,

@@ -3,7 +3,7 @@
 Real-scale judges on a Qwen2.5-VL base (train/vlm_verifier.py, train/vlm_reflector.py). The
 config is validated (base folder of the right family, data readable, every JSONL line well
 formed) before any weights load. Several GPUs or nodes: `accelerate launch -m reflectionflow
-train verifier ...` (or `python -m reflectionflow.train.cli verifier ...`). No torch at import.
+train verifier ...` (or `python -m reflectionflow.cli.train verifier ...`). No torch at import.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import _add_flags, _mapping, _names, build_config
+from .train_flags import add_flags, build_config, name_list, weight_map
 
 COMMON = [
     ("--base", "base", str, "Qwen2.5-VL (or Qwen2-VL) model folder to start from"),
@@ -20,12 +20,12 @@ COMMON = [
     ("--data-format", "data_format", str, "auto | jsonl | genref (auto: *.jsonl is JSONL)"),
     ("--val-data", "val_data", str, "held-out data of the same kind (default: split --val-size off --data)"),
     ("--val-size", "val_size", int, "held-out examples (0: no validation)"),
-    ("--genref-mix", "genref_mix", _mapping, "GenRef subset weights, e.g. general=1,length=1,rule=1,editing=1"),
+    ("--genref-mix", "genref_mix", weight_map, "GenRef subset weights, e.g. general=1,length=1,rule=1,editing=1"),
     ("--tune", "tune", str, "lora (adapters on the language model) | full"),
     ("--rank", "lora_rank", int, "LoRA rank"),
     ("--alpha", "lora_alpha", float, "LoRA alpha"),
     ("--lora-dropout", "lora_dropout", float, "LoRA dropout"),
-    ("--targets", "lora_targets", _names, "comma-separated language-model layers the LoRA adapts"),
+    ("--targets", "lora_targets", name_list, "comma-separated language-model layers the LoRA adapts"),
     ("--steps", "max_steps", int, "optimizer steps (the lr schedule ends there)"),
     ("--batch-size", "batch_size", int, "examples per process per micro-step"),
     ("--grad-accum", "grad_accum", int, "micro-steps per optimizer step"),
@@ -66,7 +66,7 @@ def _flags(p: argparse.ArgumentParser, table) -> None:
                    default=None, help="gradient checkpointing (default on)")
     p.add_argument("--config", default=None, help="JSON file of config fields (flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_flags(p, COMMON + table)
+    add_flags(p, COMMON + table)
 
 
 def register(tsub: argparse._SubParsersAction) -> None:
@@ -89,7 +89,7 @@ def _skips(skipped: dict) -> str:
 
 
 def cmd_verifier(args) -> int:
-    from .vlm_verifier import VerifierTrainConfig, train_verifier
+    from ..train.vlm_verifier import VerifierTrainConfig, train_verifier
 
     table = VERIFIER + [("--grad-checkpointing", "grad_checkpointing", bool, "")]
     cfg = build_config(VerifierTrainConfig, args, COMMON + table)
@@ -100,7 +100,7 @@ def cmd_verifier(args) -> int:
 
 
 def cmd_reflector(args) -> int:
-    from .vlm_reflector import ReflectorTrainConfig, train_reflector
+    from ..train.vlm_reflector import ReflectorTrainConfig, train_reflector
 
     table = REFLECTOR + [("--grad-checkpointing", "grad_checkpointing", bool, "")]
     cfg = build_config(ReflectorTrainConfig, args, COMMON + table)

@@ -7,7 +7,8 @@ import sys
 from dataclasses import replace
 
 from ..flags import add_batch_size, add_config
-from .cli import _one_line_errors, add_component_arguments, build_config, launched
+from . import one_line_errors
+from .generate import add_component_arguments, build_config, launched
 
 SWEEP_HELP = """\
 Run every method x verifier on a prompt set at --budget images per prompt (one run each, in
@@ -33,7 +34,7 @@ report.html; `reflectionflow report OUT/runs/<method>-<verifier>` writes one.
 def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("sweep", help="methods x budgets x verifiers on a prompt set: the paper's table and plot",
                        description=SWEEP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _one_line_errors(g, "sweep")
+    one_line_errors(g, "sweep")
     g.add_argument("--prompts", default="geneval-shapes", metavar="FILE|SET",
                    help="GenEval-Shapes metadata .jsonl or a named set (default geneval-shapes)")
     g.add_argument("--methods", default="noise,prompt,reflection", metavar="LIST",
@@ -65,8 +66,8 @@ def _names(value: str | None) -> list[str]:
 
 def cmd_sweep(args) -> int:
     from ..config import ConfigError
-    from .distributed import DistributedError
-    from .sweep import check_sweep, sweep
+    from ..engine.distributed import DistributedError
+    from ..engine.sweep import check_sweep, sweep
 
     methods = _names(args.methods)
     # The base config is built as for a noise run (it has no split); each run gets its own split.
@@ -101,7 +102,7 @@ def cmd_sweep(args) -> int:
 
 def _default_verifier(base) -> str:
     from ..config import ConfigError
-    from .backends import get_backend
+    from ..engine.backends import get_backend
 
     name = get_backend(base.backend).defaults().get("verifier")
     if name is None:

@@ -1,4 +1,8 @@
-"""Sub-commands of the engine: `generate` (search and write a run folder) and `report DIR`."""
+"""`reflectionflow generate` (search and write a run folder) and `reflectionflow report DIR`.
+
+The one place a run's settings are read from flags, a --config file and the environment (the flux
+backend's API key, the launcher's RANK / WORLD_SIZE), and passed to the library as arguments.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..flags import add_batch_size, add_config
+from . import one_line_errors
 
 GENERATE_HELP = """\
 Spend a budget of images per prompt along the noise, prompt or reflection axis and write a
@@ -45,7 +50,7 @@ with any number of processes. See docs/scale-out.md.
 def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="search along noise / prompt / reflection axes and write a run folder",
                        description=GENERATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _one_line_errors(g, "generate")
+    one_line_errors(g, "generate")
     g.add_argument("prompt", nargs="?", default=None,
                    help="one prompt (world: a GenEval-Shapes template; flux: any text)")
     g.add_argument("--prompts", default=None, metavar="FILE|DIR|SET",
@@ -92,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("report", help="rebuild report.html and the ledger totals of a run folder",
                        description="Rebuild OUT/ledger.json from the traces and OUT/report.html (the trace "
                        "viewer: every prompt's chains as a tree of thumbnails, the selection marked).")
-    _one_line_errors(r, "report")
+    one_line_errors(r, "report")
     r.add_argument("dir", help="a run folder written by `reflectionflow generate`")
     r.add_argument("--no-evaluate", action="store_true", help="no evaluator column in the best-of-k table")
     r.set_defaults(func=cmd_report)
@@ -102,7 +107,7 @@ def add_component_arguments(g: argparse.ArgumentParser, verifier: bool = True) -
     """--backend, the components by name and every backend's own flags (`generate`, `sweep`)."""
     from ..flags import names
     c = g.add_argument_group("components")
-    from .backends import BACKENDS
+    from ..engine.backends import BACKENDS
 
     c.add_argument("--backend", default=None, help=f"{' | '.join(BACKENDS)} (default world)")
     defaults = {name: backend.defaults() for name, backend in BACKENDS.items()}
@@ -120,14 +125,6 @@ def add_component_arguments(g: argparse.ArgumentParser, verifier: bool = True) -
     g.set_defaults(backend_flags=owned)
 
 
-def _one_line_errors(parser: argparse.ArgumentParser, name: str) -> None:
-    # argparse prints the whole usage before an error; the project's errors are one line.
-    def error(message: str):
-        parser.exit(2, f"reflectionflow {name}: error: {message}\n")
-
-    parser.error = error
-
-
 _FLAG_FIELDS = ("method", "budget", "chains", "depth", "pool", "seed", "backtrack", "early_stop", "reallocate",
                 "on_keep", "refine_prompts", "neighbors", "threshold", "backend", "generator", "verifier", "reflector",
                 "refiner", "corrector", "limit", "batch_size", "prompt_batch", "workers")
@@ -138,7 +135,7 @@ def build_config(args):
     read from the environment here, on every run and every resume) are no part of the config, so
     nothing that writes a config can write them."""
     from ..config import ConfigError, from_dict, load_config_file
-    from .backends import get_backend
+    from ..engine.backends import get_backend
 
     data = load_config_file(args.config) if args.config else {}
     for name in _FLAG_FIELDS:
@@ -170,7 +167,7 @@ def build_config(args):
 def launched():
     """This process's place in a launch (accelerate launch / torchrun: the launcher's variables say
     which), connected to its peers and bound to its GPU; a single process outside any launcher."""
-    from .distributed import DistContext, launch_note
+    from ..engine.distributed import DistContext, launch_note
 
     note = launch_note(os.environ)
     if note:
@@ -196,8 +193,8 @@ def default_out(config, source: str, resume: bool) -> str:
 
 
 def cmd_generate(args) -> int:
-    from ..engine import generate
-    from .distributed import DistributedError
+    from ..engine.distributed import DistributedError
+    from ..pipeline import generate
 
     config, secrets = build_config(args)
     out = args.out or default_out(config, args.prompt or args.prompts or "", args.resume)
@@ -270,9 +267,9 @@ def free_text_prompts(out: Path, indices) -> int:
 
 
 def cmd_report(args) -> int:
+    from ..engine.runner import write_ledger
     from ..report import write_report
     from ..runs import RunFolder, RunFolderError
-    from .runner import write_ledger
 
     folder = RunFolder(Path(args.dir))
     if not folder.root.is_dir():

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_compare(args) -> int:
     from ..io import check_writable_dir
-    from .compare import compare_runs, format_table, write_comparison
+    from ..report.compare import compare_runs, format_table, write_comparison
 
     check_writable_dir(args.out, "--out")  # before any run is read: compare writes three files in a folder
     comparison = compare_runs(args.runs, metrics=args.metric, top=args.top, resamples=args.bootstrap, seed=args.seed)

@@ -8,18 +8,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import COMMON, _add_flags, _common, _mapping, _names, build_config
+from .train_flags import COMMON, add_common_flags, add_flags, build_config, name_list, weight_map
 
 VERIFIER = [
     ("--size", "model_size", str, "model size: tiny | small"),
     ("--p-flaw", "p_flaw", float, "share of rendered scenes given one planted flaw"),
-    ("--tag-weights", "tag_weights", _mapping, "category weights of the data, e.g. position=0.3,counting=0.2"),
+    ("--tag-weights", "tag_weights", weight_map, "category weights of the data, e.g. position=0.3,counting=0.2"),
     ("--generator", "generator", str, "a generator folder: mix its own judged samples into every batch"),
     ("--generator-share", "generator_share", float, "share of each batch from the generator's pool"),
     ("--pool-size", "pool_size", int, "generator samples in the pool (made once, OUT/pool.npz)"),
     ("--corrector", "corrector", str, "a corrector folder: its corrections of the pool's samples join the pool"),
     ("--val-size", "val_size", int, "held-out renders scored at every log line (0: none)"),
-    ("--harvest", "harvest", _names, "harvest folders (genref harvest; comma-separated, one per round): the "
+    ("--harvest", "harvest", name_list, "harvest folders (genref harvest; comma-separated, one per round): the "
      "search's labelled candidates are the pool (its share of a batch: --generator-share)"),
     ("--holdout", "holdout", float, "share of the harvests' searches held out for calibration and scores"),
     ("--scene-weight", "scene_weight", float, "weight of the scene head's per-patch class/colour loss beside "
@@ -37,8 +37,8 @@ def register(tsub: argparse._SubParsersAction) -> None:
                         "attention and a yes/no head, trained on renders with planted flaws (and a generator's "
                         "samples with --generator), every label from the exact evaluator; OUT/verifier holds "
                         "the weights (copy it to weights/world-verifier for verifier world-learned).")
-    _common(v)  # the flow-only flags (--cfg, --sample-steps, ...) are refused by the config if given
-    _add_flags(v, VERIFIER)
+    add_common_flags(v)  # the flow-only flags (--cfg, --sample-steps, ...) are refused by the config if given
+    add_flags(v, VERIFIER)
     v.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="mirror pool samples left-right by chance 1/2 (left/right swapped in the prompt, the "
                    "label judged again)")
@@ -47,13 +47,13 @@ def register(tsub: argparse._SubParsersAction) -> None:
                         description="The verifier's encoder and a small causal decoder, trained on the oracle "
                         "reflector's commands for renders with planted flaws; OUT/reflector holds the weights "
                         "(copy it to weights/world-reflector for reflector world-learned).")
-    _common(r)
-    _add_flags(r, REFLECTOR)
+    add_common_flags(r)
+    add_flags(r, REFLECTOR)
     r.set_defaults(func=cmd_world_reflector)
 
 
 def cmd_world_verifier(args) -> int:
-    from .verifier import WorldVerifierConfig, train_world_verifier
+    from ..train.verifier import WorldVerifierConfig, train_world_verifier
 
     cfg = build_config(WorldVerifierConfig, args, COMMON + VERIFIER)
     res = train_world_verifier(cfg)
@@ -67,7 +67,7 @@ def cmd_world_verifier(args) -> int:
 
 
 def cmd_world_reflector(args) -> int:
-    from .reflector import WorldReflectorConfig, train_world_reflector
+    from ..train.reflector import WorldReflectorConfig, train_world_reflector
 
     cfg = build_config(WorldReflectorConfig, args, COMMON + REFLECTOR)
     res = train_world_reflector(cfg)

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from .cli import _floats, _mapping, _names, build_config
+from .train_flags import build_config, name_list, number_list, weight_map
 
 
 def _json(text: str) -> dict:
@@ -33,7 +33,7 @@ def _mix(text: str) -> dict:
     """A JSON schedule {"stages": [...], "ratios": {...}} or constant weights general=0.3,rule=0.7."""
     if text.lstrip().startswith("{"):
         return _json(text)
-    return {"stages": [0], "ratios": {k: [v] for k, v in _mapping(text).items()}}
+    return {"stages": [0], "ratios": {k: [v] for k, v in weight_map(text).items()}}
 
 
 FLUX = [
@@ -54,14 +54,14 @@ FLUX = [
     ("--grad-clip", "grad_clip", float, "gradient norm clip (0: none)"),
     ("--rank", "lora_rank", int, "LoRA rank (the released config: 32; the paper's text: 256)"),
     ("--alpha", "lora_alpha", float, "LoRA alpha (scale alpha / rank)"),
-    ("--targets", "lora_targets", _names, "comma-separated layer patterns (* = block index); default: the "
+    ("--targets", "lora_targets", name_list, "comma-separated layer patterns (* = block index); default: the "
      "released corrector's"),
     ("--text-dropout", "text_dropout", float, "share of samples with no text"),
     ("--image-dropout", "image_dropout", float, "share of samples with a black condition image"),
     ("--reflection-dropout", "reflection_dropout", float, "share of samples with the prompt alone"),
     ("--partial-share", "partial_share", float, "share of samples trained to start from the previous image "
      "partly noised (the corrector's --corrector-strength); 0: off"),
-    ("--partial-strengths", "partial_strengths", _floats, "comma-separated start times in (0, 1] for those samples "
+    ("--partial-strengths", "partial_strengths", number_list, "comma-separated start times in (0, 1] for those samples "
      "(default 0.5,0.75)"),
     ("--resolution", "resolution", int, "target image size in pixels"),
     ("--condition-size", "condition_size", int, "condition image size in pixels"),
@@ -77,7 +77,7 @@ FLUX = [
      "{\"path\": \"/models/clip\"}"),
     ("--val-steps", "val_steps", int, "sampling steps of a validation correction"),
     ("--val-guidance", "val_guidance", float, "guidance of a validation correction"),
-    ("--trackers", "trackers", _names, "tensorboard,wandb (log.jsonl is always written)"),
+    ("--trackers", "trackers", name_list, "tensorboard,wandb (log.jsonl is always written)"),
 ]
 # Tri-state switches copied by build_config like the flags above (None: not given).
 SWITCHES = [(None, "gradient_checkpointing", None, None)]
@@ -105,7 +105,7 @@ def register(tsub: argparse._SubParsersAction) -> None:
 
 
 def cmd_flux_corrector(args) -> int:
-    from .flux_corrector import FluxCorrectorConfig, train_flux_corrector
+    from ..train.flux_corrector import FluxCorrectorConfig, train_flux_corrector
 
     cfg = build_config(FluxCorrectorConfig, args, FLUX + SWITCHES)
     res = train_flux_corrector(cfg)
