@@ -104,7 +104,7 @@ def test_ledger_adds_up_and_counts_cost_from_results(tmp_path):
     comps = Components(generator=gen, verifier=ver, reflector=build("reflector", "world-oracle"),
                        refiner=build("refiner", "world-rule"), corrector=cor)
     out = tmp_path / "run"
-    result = run(out, prompts, method="reflection", budget=8, components=comps)
+    result = run(out, prompts, method="reflection", budget=8, components=comps, on_keep="correct")
     led = json.loads((out / "ledger.json").read_text())
     assert led == json.loads(json.dumps(result.ledger))
     tot, per = led["totals"], led["per_prompt"]

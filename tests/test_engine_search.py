@@ -64,7 +64,8 @@ def test_zero_order_moves_the_pivot_only_on_improvement(tmp_path):
 @pytest.mark.parametrize("backtrack", [False, True])
 def test_reflection_chains_start_from_the_best_pool_images_and_follow_their_parents(tmp_path, backtrack):
     out = tmp_path / "r"
-    run(out, subset_file(tmp_path, 2), method="reflection", budget=10, chains=2, pool=4, backtrack=backtrack)
+    run(out, subset_file(tmp_path, 2), method="reflection", budget=10, chains=2, pool=4, backtrack=backtrack,
+        on_keep="correct")
     for i in range(12):
         by_id, cands = _cands(out, i)
         pool = [c for c in cands if c.kind == "noise"]
@@ -199,7 +200,7 @@ def test_on_keep_resample_spends_a_keep_round_on_a_fresh_sample_and_resumes(tmp_
     before = {p: p.read_bytes() for p in out.rglob("trace.jsonl")}
     run(out, prompts, method="reflection", budget=8, chains=2, pool=2, on_keep="resample", resume=True)
     assert {p: p.read_bytes() for p in out.rglob("trace.jsonl")} == before
-    with pytest.raises(ConfigError, match="on_keep"):
-        RunConfig(method="noise", on_keep="resample").validate()
+    assert "on_keep" not in RunConfig(method="noise").validate().search_dict()  # no effect there
+    assert "on_keep" not in RunConfig(on_keep="correct").validate().search_dict()  # folders made before it
     with pytest.raises(ConfigError, match="on_keep"):
         RunConfig(on_keep="skip").validate()

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from reflectionflow import ArgumentError, Ledger, PipelineOutput, ReflectionFlowPipeline, TraceEntry
+from reflectionflow.engine.executor import is_keep
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"generator": "world-render", "verifier": "world-oracle", "reflector": "world-oracle",
@@ -36,9 +37,13 @@ def test_call_returns_images_selected_trace_and_ledger(pipe):
         assert pick in trace and pick.image is image
         assert max(t.score for t in trace) == pick.score
         assert all(t.correct in (True, False) for t in trace)  # world prompts: the exact evaluator's verdict
-        assert {t.kind for t in trace} == {"noise", "correct"}
+        # the pool, then a correction per round, or a fresh sample where the reflection said keep
+        assert {t.kind for t in trace[:2]} == {"noise"}
+        assert all(t.kind == ("resample" if is_keep(t.reflection) else "correct") for t in trace[2:])
     assert out.ledger.images == 12 and out.ledger.prompts == 2 and out.ledger.budget_per_prompt == 6
-    assert out.ledger.by_stage["correct"].images == 8
+    corrected = sum(t.kind == "correct" for trace in out.traces for t in trace)
+    stages = out.ledger.by_stage
+    assert stages["correct"].images == corrected and stages["generate"].images == 12 - corrected
     assert out.output_dir is None
 
 

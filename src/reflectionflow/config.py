@@ -67,9 +67,10 @@ class RunConfig:
     backtrack: bool = False  # reflection: correct the chain's best image so far, not its latest
     early_stop: float | None = None  # prompt / reflection: stop a chain once the verifier says yes
     reallocate: str = "chains"  # with early_stop: where saved images go (none | chains | prompts)
-    # reflection: when the reflector asks for no change, "correct" still runs the corrector (with
-    # that reflection); "resample" spends the round on a fresh noise sample of the chain's prompt.
-    on_keep: str = "correct"
+    # reflection: when the reflector asks for no change, "resample" (default) spends the round on a
+    # fresh noise sample of the chain's prompt; "correct" still runs the corrector with that
+    # reflection, as the original ReflectionFlow does (docs/method.md: measured, resample wins).
+    on_keep: str = "resample"
     # Execution (may differ between a run and its resume).
     batch_size: int = 64  # requests per component call
     prompt_batch: int = 64  # prompts searched together (one wave); with reallocate=prompts, the share group
@@ -92,8 +93,10 @@ class RunConfig:
             out["backend_options"] = _without(self.backend_options, BACKEND_EXECUTION_KEYS)
         else:
             del out["backend_options"]  # backends without shared settings: identities as before the field
-        if self.on_keep == "correct":
-            del out["on_keep"]  # the behaviour before the field: run folders made then still resume
+        if self.on_keep == "correct" or self.method != "reflection":
+            # no effect on other methods; "correct" is the behaviour before the field (run folders
+            # made then resume with --on-keep correct)
+            del out["on_keep"]
         return out
 
     def validate(self) -> RunConfig:
@@ -105,8 +108,6 @@ class RunConfig:
                 _check_int(name, value, *LIMITS[name])
         _check_choice("reallocate", self.reallocate, REALLOCATE)
         _check_choice("on_keep", self.on_keep, ON_KEEP)
-        if self.on_keep != "correct" and self.method != "reflection":
-            raise ConfigError(f"on_keep applies to the reflection method, not {self.method!r}")
         if not isinstance(self.options, dict) or not all(
             isinstance(v, dict) and k in COMPONENT_KINDS for k, v in self.options.items()
         ):
