@@ -5,6 +5,7 @@
 #    reflector, and a corrector LoRA on the generator v1 (the shipped corrector's base), side by side;
 # 3. every verifier against the shipped one on the harvests' held-out searches, and the reflector and
 #    corrector against the shipped ones (benchmarks/world_onpolicy_compare.py).
+# The model tars are written before the comparison, which stops after COMPARE_LIMIT seconds (120).
 #   bash benchmarks/world_judges_round2.sh OUTDIR [PROMPTS] [SECONDS]
 # OUTDIR receives one tar per model (fp16 weights, config, logs, scores) and results.tar.gz (the
 # comparisons' JSON, the harvests' summaries, the logs); the tables are printed last.
@@ -37,7 +38,7 @@ rf train world-verifier --out "$R/v2" $V --flip --scene-weight 0.5 > "$R/v2.log"
 rf train world-reflector --out "$R/refl" --harvest "$H" --generator-share 0.75 --steps "${RSTEPS:-4500}" --minutes "$MIN" \
   $EXTRA --workers 3 --log-every 250 --ckpt-every 1000 --no-compile --quiet > "$R/refl.log" 2>&1 &
 rf train world-corrector --out "$R/corr" --harvest "$H" --generator weights/world-generator-v1 \
-  --steps "${CSTEPS:-3500}" --minutes "$MIN" --compile --workers 3 --batch-size 256 $EXTRA --mix-steps 700 --sample-every 1750 --ckpt-every 1750 \
+  --steps "${CSTEPS:-3500}" --minutes "$MIN" --no-compile --workers 3 --batch-size 256 $EXTRA --mix-steps 700 --sample-every 1750 --ckpt-every 1750 \
   --log-every 100 --keep-share 0.35 --val-max 256 --quiet > "$R/corr.log" 2>&1 &
 wait
 tail -n 1 "$R"/v0.log "$R"/v1.log "$R"/v2.log "$R"/refl.log "$R"/corr.log
@@ -78,9 +79,9 @@ for d, sub in (("v0", "verifier"), ("v1", "verifier"), ("v2", "verifier"), ("ref
         if (r / d / name).is_file():
             shutil.copy(r / d / name, dst / f"run-{name}")
 PY
-python benchmarks/world_onpolicy_compare.py --harvest "$R/ha" "$R/hb" --verifier "$R/v2/verifier" \
-  --reflector "$R/refl/reflector" --corrector "$R/corr/corrector" --json "$R/compare.json" | tee "$R/compare.md" || true
 for d in v0 v1 v2 refl corr; do [ -d "$R/export/$d" ] && tar cf "$OUT/$d.tar" -C "$R/export" "$d"; done
+timeout "${COMPARE_LIMIT:-120}" python benchmarks/world_onpolicy_compare.py --harvest "$R/ha" "$R/hb" --verifier "$R/v2/verifier" \
+  --reflector "$R/refl/reflector" --corrector "$R/corr/corrector" --json "$R/compare.json" | tee "$R/compare.md" || true
 cp "$R/ha/summary.json" "$R/ha-summary.json"; cp "$R/hb/summary.json" "$R/hb-summary.json"
 tar czf "$OUT/results.tar.gz" -C "$R" ha.log hb.log v0.log v1.log v2.log refl.log corr.log compare.md compare.json \
   compare-verifiers.json ha-summary.json hb-summary.json 2>/dev/null || true
