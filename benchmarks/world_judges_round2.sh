@@ -9,6 +9,7 @@
 #   bash benchmarks/world_judges_round2.sh OUTDIR [PROMPTS] [SECONDS]
 # OUTDIR receives one tar per model (fp16 weights, config, logs, scores) and results.tar.gz (the
 # comparisons' JSON, the harvests' summaries, the logs); the tables are printed last.
+# ONLY_V2=1 trains only the v2 verifier and the reflector (the comparison then uses the shipped corrector).
 # A CPU smoke test: HARVEST_FLAGS="--generator world-render --corrector world-edit --verifier world-oracle
 # --reflector world-oracle" VSTEPS=2 CSTEPS=2 RSTEPS=2 EXTRA="--batch-size 8 --device cpu" with PROMPTS 6.
 set -euo pipefail
@@ -32,16 +33,16 @@ MIN=$(python -c "print(round(max($LEFT, 60) / 60, 2))")
 echo "training for $MIN minutes each"
 EXTRA=${EXTRA:-}
 V="--harvest $H --generator-share 0.85 --steps ${VSTEPS:-5000} --minutes $MIN $EXTRA --workers 3 --log-every 250 --ckpt-every 1000 --no-compile --quiet"
-rf train world-verifier --out "$R/v0" $V > "$R/v0.log" 2>&1 &
-rf train world-verifier --out "$R/v1" $V --flip > "$R/v1.log" 2>&1 &
+[ -n "${ONLY_V2:-}" ] || rf train world-verifier --out "$R/v0" $V > "$R/v0.log" 2>&1 &
+[ -n "${ONLY_V2:-}" ] || rf train world-verifier --out "$R/v1" $V --flip > "$R/v1.log" 2>&1 &
 rf train world-verifier --out "$R/v2" $V --flip --scene-weight 0.5 > "$R/v2.log" 2>&1 &
 rf train world-reflector --out "$R/refl" --harvest "$H" --generator-share 0.75 --steps "${RSTEPS:-4500}" --minutes "$MIN" \
   $EXTRA --workers 3 --log-every 250 --ckpt-every 1000 --no-compile --quiet > "$R/refl.log" 2>&1 &
-rf train world-corrector --out "$R/corr" --harvest "$H" --generator weights/world-generator-v1 \
+[ -n "${ONLY_V2:-}" ] || rf train world-corrector --out "$R/corr" --harvest "$H" --generator weights/world-generator-v1 \
   --steps "${CSTEPS:-3500}" --minutes "$MIN" --no-compile --workers 3 --batch-size 256 $EXTRA --mix-steps 700 --sample-every 1750 --ckpt-every 1750 \
   --log-every 100 --keep-share 0.35 --val-max 256 --quiet > "$R/corr.log" 2>&1 &
 wait
-tail -n 1 "$R"/v0.log "$R"/v1.log "$R"/v2.log "$R"/refl.log "$R"/corr.log
+tail -n 1 "$R"/v2.log "$R"/refl.log || true
 echo "training: $(( $(date +%s) - T0 )) s"
 python - "$R" <<'PY'
 import json, shutil, sys
@@ -80,8 +81,9 @@ for d, sub in (("v0", "verifier"), ("v1", "verifier"), ("v2", "verifier"), ("ref
             shutil.copy(r / d / name, dst / f"run-{name}")
 PY
 for d in v0 v1 v2 refl corr; do [ -d "$R/export/$d" ] && tar cf "$OUT/$d.tar" -C "$R/export" "$d"; done
+CORR="$R/corr/corrector"; [ -d "$CORR" ] || CORR=weights/world-corrector
 timeout "${COMPARE_LIMIT:-120}" python benchmarks/world_onpolicy_compare.py --harvest "$R/ha" "$R/hb" --verifier "$R/v2/verifier" \
-  --reflector "$R/refl/reflector" --corrector "$R/corr/corrector" --json "$R/compare.json" | tee "$R/compare.md" || true
+  --reflector "$R/refl/reflector" --corrector "$CORR" --json "$R/compare.json" | tee "$R/compare.md" || true
 cp "$R/ha/summary.json" "$R/ha-summary.json"; cp "$R/hb/summary.json" "$R/hb-summary.json"
 tar czf "$OUT/results.tar.gz" -C "$R" ha.log hb.log v0.log v1.log v2.log refl.log corr.log compare.md compare.json \
   compare-verifiers.json ha-summary.json hb-summary.json 2>/dev/null || true

@@ -3,7 +3,8 @@
 # 9 minutes on an H200): one sample, the `generate` defaults (reflection at budget 8: pool 2 + 2 x 3),
 # noise at 8 and 32 (re-scored by the oracle verifier too), prompt and reflection at 32, all with the
 # learned judges; then the judges on the candidates those runs made (benchmarks/world_onpolicy_eval.py).
-# With ON_KEEP=resample, reflection at 32 runs with `--on-keep resample` and budget 8 runs both ways.
+# Reflection runs with `--on-keep correct` (def8, refl); with ON_KEEP=resample, reflection at 32 runs with
+# `--on-keep resample` (the default) and budget 8 runs both ways (def8: correct, def8r: resample).
 #   bash benchmarks/world_onpolicy_eval.sh OUTDIR [FRESH_SEED]
 # OUTDIR receives the sweep tables (*.md, *.json) and eval.json; the tables are printed last.
 set -euo pipefail
@@ -13,6 +14,7 @@ R=${R:-/tmp/onpolicy-eval}
 T0=$(date +%s)
 mkdir -p "$OUT" "$R"
 python -m reflectionflow world prompts --out "$R/fresh.jsonl" --seed "$SEED" --per-category 50
+echo '{"on_keep": "correct"}' > "$R/correct.json"
 sw() { timeout "${SWEEP_LIMIT:-430}" python -m reflectionflow sweep --batch-size 1024 --prompt-batch 600 --quiet "$@"; }
 for set in geneval-shapes fresh; do
   P=$set; [ "$set" = fresh ] && P="$R/fresh.jsonl"
@@ -26,9 +28,9 @@ for set in geneval-shapes fresh; do
     sw --prompts "$P" --methods reflection --budget 8 --config "$R/resample.json" --out "$R/$set-def8r" \
       > "$R/$set-def8r.log" 2>&1 &
   else
-    sw --prompts "$P" --methods reflection --budget 32 --out "$R/$set-refl" > "$R/$set-refl.log" 2>&1 &
+    sw --prompts "$P" --methods reflection --budget 32 --config "$R/correct.json" --out "$R/$set-refl" > "$R/$set-refl.log" 2>&1 &
   fi
-  sw --prompts "$P" --methods reflection --budget 8 --out "$R/$set-def8" > "$R/$set-def8.log" 2>&1 &
+  sw --prompts "$P" --methods reflection --budget 8 --config "$R/correct.json" --out "$R/$set-def8" > "$R/$set-def8.log" 2>&1 &
 done
 wait
 echo "sweeps: $(( $(date +%s) - T0 )) s"
