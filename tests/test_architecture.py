@@ -1,6 +1,6 @@
 """The floors of docs/architecture.md hold: no import runs up a floor, no two packages import each
-other (directly or round a loop), and below the command line no module reads the environment or the
-process's arguments.
+other (directly or round a loop), below the command line no module reads the environment or the
+process's arguments, and every trainer trains through the one training loop (train/loop.py).
 
 Every module's imports are read with `ast` (benchmarks/code_shape.py), those inside functions
 included: a lazy import is still a dependency.
@@ -70,6 +70,11 @@ def test_below_the_command_line_nothing_reads_the_environment_or_the_arguments(m
     assert not found, "read them in cli/ and pass them in:\n" + "\n".join(found)
 
 
+def test_every_trainer_trains_through_the_one_loop(modules):
+    assert shape.training_loops(modules) == ["loop.py:run_loop"], (
+        "a training loop beside train/loop.py's run_loop: pass what differs as LoopHooks instead")
+
+
 @pytest.fixture
 def tree(tmp_path) -> Path:
     """A copy of src/reflectionflow's modules to break."""
@@ -106,3 +111,9 @@ def test_the_checks_fail_on_a_loop_within_a_floor_and_on_a_new_package(tree):
     assert not [i for i in shape.upward(modules) if i.source in ("reflectionflow.config", "reflectionflow.extra")]
     assert ["config", "runs"] in shape.loops(shape.unit_edges(modules))
     assert "extra" in shape.unplaced(modules)
+
+
+def test_the_check_finds_a_second_training_loop(tree):
+    _add(tree, "reflectionflow/train/world.py", "\n\ndef _train(model, batches, opt):\n    for b in batches:\n"
+                                                "        model(b).mean().backward()\n        opt.step()\n")
+    assert shape.training_loops(shape.read_modules(tree)) == ["loop.py:run_loop", "world.py:_train"]

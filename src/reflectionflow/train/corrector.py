@@ -90,7 +90,7 @@ from .corrector_pool import (
     reward_groups,
     scene_detections,
 )
-from .loop import resolve_device, to_model_space, to_uint8
+from .loop import refuse_overwrite, resolve_device, to_model_space, to_uint8
 from .world import DEFAULT_TAG_WEIGHTS, save_grid, spread
 
 if TYPE_CHECKING:
@@ -492,10 +492,7 @@ def train_world_corrector(cfg: WorldCorrectorConfig, stop_after: int | None = No
     `genref` set); OUT/corrector holds the shippable adapters. `stop_after`: as train_corrector's."""
     cfg.validate()
     check_resumable(cfg)  # before the pool, which can take minutes to build
-    out = Path(cfg.out_dir)
-    if (out / "checkpoint").exists() and not cfg.resume:
-        raise ValueError(f"{out} already holds a checkpoint; pass resume=True (--resume) to continue it or pick "
-                         "another out_dir")
+    out = refuse_overwrite(cfg)
     if cfg.genref:  # the shared trainer's defaults: GenRefBatches and the GenRef validation
         pool, source, validation, info = None, None, None, {"genref": cfg.genref}
     else:

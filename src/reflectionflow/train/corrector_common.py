@@ -15,13 +15,15 @@ is shared and lives here:
 - loss: flow matching, t = sigmoid(N(0, 1)), x_t = (1 - t) x0 + t eps, target eps - x0, MSE
   (models/flow.py's path and loss functions), or for `partial_share` of the samples the path of a
   start from the partly noised previous image; per-sample losses logged per subset and t-bin;
-- the loop: `accelerate` (one process, or several GPUs and nodes under `accelerate launch`),
-  AdamW or Prodigy, warm-up then constant or cosine lr (down to `min_lr_ratio`), gradient clipping,
-  bf16 autocast, optional torch.compile, optional EMA of the adapters (`ema_decay`; the exported
-  adapters and validation then use the EMA weights);
-- checkpoints written atomically, holding everything exact resume needs: adapters, EMA, optimizer,
-  lr scheduler, step, every process's RNG states and source state (the GenRef reader position),
-  and the config;
+- the loop: the project's one (train/loop.py's `start_run`, `run_loop`) with `accelerate` (one
+  process, or several GPUs and nodes under `accelerate launch`): AdamW or Prodigy, warm-up then
+  constant or cosine lr (down to `min_lr_ratio`), gradient clipping, bf16 autocast, optional
+  torch.compile, optional EMA of the adapters (`ema_decay`; the exported adapters and validation
+  then use the EMA weights); `max_minutes` ends the run (a last log row, checkpoint, validation),
+  `stop_after` interrupts it (a checkpoint only);
+- checkpoints in the loop's one format, written atomically, holding everything exact resume needs:
+  adapters, EMA, optimizer, lr schedule, step, every process's RNG states and source state (the
+  GenRef reader position), and the config;
 - validation every `val_every` steps and at the end: by default a fixed set of GenRef samples
   corrected with the current adapters and scored by any registered verifier (`CorrectorValidation`);
   a caller may pass its own `Validator` (the world pool's: share fixed, share broken).
@@ -34,7 +36,7 @@ Run folder:
                                   target images as reference)
     OUT/val/step_*.png            (condition | correction | target) rows (GenRef validation)
     OUT/checkpoint/               adapters.safetensors (fp32), ema.safetensors (fp32, with EMA),
-                                  optimizer.pt, scheduler.pt, state.json (step, config),
+                                  optimizer.pt, scheduler.pt, state.json (step, processes, config),
                                   rank_<r>.pt (RNG + source state); the .pt files hold tensors
                                   and plain data only and load with weights_only=True (nothing
                                   in a checkpoint can run code)
@@ -47,13 +49,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
-import random
-import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -63,12 +61,27 @@ import torch
 import torch.nn as nn
 
 from ..io import append_jsonl
-from .loop import StepBatches, ema_decay_at
+from . import loop
+from .loop import (
+    LOSS_BINS,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    Checkpoint,
+    Interval,
+    LoopHooks,
+    StepBatches,
+    log_row,
+    refuse_overwrite,
+    run_loop,
+    start_run,
+    step_seed,
+    trim_log,
+)
 
-OPTIMIZERS = ("adamw", "prodigy")
-LR_SCHEDULES = ("constant", "cosine")
+# The checkpoint readers, which live in train/loop.py now, importable here as before.
+load_plain, _rng_state, _set_rng_state = loop.load_plain, loop._rng_state, loop._set_rng_state
+
 TRACKERS = ("tensorboard", "wandb")
-LOSS_BINS = 10
 NO_GENREF = "genref: no GenRef shards given (a folder, glob or brace pattern of .tar shards)"
 # Fields a resumed run may change; any other difference means another experiment.
 RESUMABLE_CHANGES = frozenset({"out_dir", "max_steps", "max_minutes", "log_every", "ckpt_every", "val_every",
@@ -414,109 +427,7 @@ class CorrectorFamily(ABC):
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer, schedule, EMA
-
-
-def make_optimizer(cfg: CorrectorTrainConfig, params: list[nn.Parameter], device: torch.device):
-    if cfg.optimizer == "prodigy":
-        from prodigyopt import Prodigy
-
-        # The original's settings (OminiControl's train config).
-        return Prodigy(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                       use_bias_correction=True, safeguard_warmup=True)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                             fused=device.type == "cuda")
-
-
-def lr_factor(cfg: CorrectorTrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + 12_345) % (2**63 - 1)
-
-
-class AdapterEMA:
-    """fp32 exponential moving average of the trainable adapters, with loop.EMA's warm-up."""
-
-    def __init__(self, params: dict[str, nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
-        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        torch._foreach_lerp_(list(self.shadow.values()), [p.detach().float() for p in self.params.values()],
-                             1 - ema_decay_at(self.decay, step))
-
-    @contextmanager
-    def applied(self):
-        """The EMA weights in the model inside the block (validation, export), the trained ones after."""
-        with torch.no_grad():
-            trained = {n: p.detach().clone() for n, p in self.params.items()}
-            for n, p in self.params.items():
-                p.copy_(self.shadow[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(trained[n])
-
-
-@contextmanager
-def _weights_to_use(ema: AdapterEMA | None):
-    if ema is None:
-        yield
-    else:
-        with ema.applied():
-            yield
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _rng_state() -> dict:
-    """Every RNG's state as tensors and plain data (what torch.load(weights_only=True) reads back)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_plain(path: Path) -> dict:
-    """A checkpoint's .pt file, read with weights_only=True: tensors and plain data, never code. A file
-    holding anything else (an older format, or a crafted file) is refused with one line naming it."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: missing; the checkpoint is incomplete (resume from a whole checkpoint or start "
-                         "a new --out)") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not loadable as tensors and plain data ({first}); it was written by an older "
-                         "version or not by this trainer, and is not unpickled (that could run code): start a new "
-                         "--out") from None
+# Resume
 
 
 def check_resumable(cfg: CorrectorTrainConfig) -> None:
@@ -535,83 +446,6 @@ def check_resumable(cfg: CorrectorTrainConfig) -> None:
     if differ:
         raise ValueError(f"{cfg.out_dir}: the checkpoint was trained with other {', '.join(differ)}; resume with "
                          "the same settings or start a new out_dir")
-
-
-def _trim_jsonl(path: Path, step: int) -> None:
-    """On resume, drop lines written after the checkpoint (they will be written again)."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
-
-
-class Checkpointer:
-    """OUT/checkpoint, written as OUT/checkpoint.tmp by every process and renamed by the main one;
-    then the shippable adapters (the EMA weights when EMA is on)."""
-
-    def __init__(self, cfg: CorrectorTrainConfig, accelerator, family: CorrectorFamily, opt, sched,
-                 source: BatchSource, ema: AdapterEMA | None):
-        self.cfg, self.acc, self.out = cfg, accelerator, Path(cfg.out_dir)
-        self.family, self.opt, self.sched, self.source, self.ema = family, opt, sched, source, ema
-
-    def save(self, step: int) -> None:
-        from safetensors.torch import save_file
-
-        acc, family = self.acc, self.family
-        tmp, final, old = self.out / "checkpoint.tmp", self.out / "checkpoint", self.out / "checkpoint.old"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        torch.save({"rng": _rng_state(), "source": self.source.state_dict()}, tmp / f"rank_{acc.process_index}.pt")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {k: v.detach().float().cpu().contiguous() for k, v in family.trainable().items()}
-            save_file(state, str(tmp / "adapters.safetensors"), metadata={"step": str(step)})
-            if self.ema is not None:
-                save_file({k: v.cpu().contiguous() for k, v in self.ema.shadow.items()},
-                          str(tmp / "ema.safetensors"), metadata={"step": str(step)})
-            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": acc.num_processes,
-                                                        "config": self.cfg.to_dict()}, indent=1))
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-            with _weights_to_use(self.ema):
-                family.save_adapters(self.out / family.adapters_folder,
-                                     {"step": step, "train_config": self.cfg.to_dict()})
-        acc.wait_for_everyone()
-
-    def load(self) -> int:
-        from safetensors.torch import load_file
-
-        ck = self.out / "checkpoint"
-        state = json.loads((ck / "state.json").read_text())
-        if state["world_size"] != self.acc.num_processes:
-            raise ValueError(f"{ck}: saved by {state['world_size']} process(es), resumed by {self.acc.num_processes}; "
-                             "exact resume needs the same number (each process holds its own reader position)")
-
-        def restore(file: str, into: dict[str, torch.Tensor]) -> None:
-            saved = load_file(str(ck / file))
-            if set(saved) != set(into):
-                raise ValueError(f"{ck}/{file} does not fit this model's adapters "
-                                 f"(e.g. {sorted(set(saved) ^ set(into))[:2]})")
-            with torch.no_grad():
-                for name, p in into.items():
-                    p.copy_(saved[name].to(p.dtype))
-
-        restore("adapters.safetensors", self.family.trainable())
-        if self.ema is not None:
-            restore("ema.safetensors", self.ema.shadow)
-        self.opt.load_state_dict(load_plain(ck / "optimizer.pt"))
-        self.sched.load_state_dict(load_plain(ck / "scheduler.pt"))
-        mine = load_plain(ck / f"rank_{self.acc.process_index}.pt")
-        # "reader": checkpoints written before sources were pluggable (GenRef's reader state)
-        self.source.load_state_dict(mine["source"] if "source" in mine else mine["reader"])
-        _set_rng_state(mine["rng"])
-        return int(state["step"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -759,7 +593,7 @@ def genref_validation(cfg: CorrectorTrainConfig, default_verifier: str) -> Corre
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# Training: train/loop.py's start_run and run_loop with the corrector's loss, log and validation
 
 
 @dataclass
@@ -771,10 +605,69 @@ class CorrectorTrainResult:
     skipped: dict | None = None  # what the data source skipped (GenRef: unreadable samples, damaged shards)
 
 
+class CorrectorSteps:
+    """The corrector's part of `run_loop`: a batch's loss (flow matching from the step's noise,
+    `partial_share` of it from partly noised previous images) and the log row (the loss per t-bin
+    and per subset, images/s, peak memory, the samples' keys, what the source skipped)."""
+
+    def __init__(self, cfg: CorrectorTrainConfig, acc, family: CorrectorFamily, forward: Callable,
+                 source: BatchSource):
+        self.cfg, self.acc, self.family, self.forward, self.source = cfg, acc, family, forward, source
+        self.dev, self.cuda = acc.device, acc.device.type == "cuda"
+        self.subsets = tuple(source.subsets)
+        self.strengths = torch.tensor(cfg.partial_strengths, device=self.dev)  # once: a per-step copy syncs
+        self.gen = torch.Generator(device=self.dev)
+        self.keys: list = []  # each step's sample keys (log_keys), until the next row
+        self.losses: list[float] = []  # the rows' mean losses
+
+    def loss(self, batch: Prepared, step: int) -> tuple[torch.Tensor, dict]:
+        from ..models.flow import logit_normal, loss_by_bin, per_sample_mse
+
+        cfg, dev, gen, acc = self.cfg, self.dev, self.gen, self.acc
+        with torch.no_grad():
+            x0, inputs = self.family.encode(batch.data, dev)  # x0: (B, ...) the family's data space
+        gen.manual_seed(step_seed(cfg.seed, step, acc.process_index))
+        t = logit_normal(x0.shape[0], cfg.t_mean, cfg.t_std, device=dev, generator=gen)  # (B,)
+        eps = torch.randn(x0.shape, device=dev, generator=gen, dtype=x0.dtype)
+        path = partial_path(x0, eps, t, inputs, cfg.partial_share, self.strengths, gen)
+        with acc.autocast():
+            v = self.forward(path.x_t, path.t, inputs)
+        per = per_sample_mse(v.float(), path.target.float())  # (B,)
+        if cfg.log_keys:
+            self.keys.append(acc.gather_for_metrics(batch.keys, use_gather_object=True) if acc.num_processes > 1
+                             else list(batch.keys))
+        done, sub = per.detach(), batch.subsets.to(dev, non_blocking=True)
+        bin_sum, bin_count = loss_by_bin(path.t, done, LOSS_BINS)
+        sub_sum = torch.zeros(len(self.subsets), device=dev).index_add_(0, sub, done)
+        sub_count = torch.zeros(len(self.subsets), device=dev).index_add_(0, sub, torch.ones_like(done))
+        return per.mean(), {"bin_sum": bin_sum, "bin_count": bin_count, "sub_sum": sub_sum, "sub_count": sub_count,
+                            "images": x0.shape[0]}
+
+    def row(self, iv: Interval) -> dict:
+        s = iv.sums
+        bins = torch.tensor(s["bin_sum"]) / torch.tensor(s["bin_count"]).clamp(min=1)
+        sub_n = torch.tensor(s["sub_count"])
+        sub_mean = (torch.tensor(s["sub_sum"]) / sub_n.clamp(min=1)).tolist()
+        self.losses.append(float(torch.tensor(s["loss"]) / iv.batches) / iv.processes)
+        row = log_row(iv, img_per_s=round(s["images"] / iv.seconds, 2),
+                      loss_by_t_bin=[round(x, 5) for x in bins.tolist()],
+                      loss_by_subset={n: round(x, 5) for n, x, k in zip(self.subsets, sub_mean, sub_n.tolist()) if k})
+        row["loss"] = round(self.losses[-1], 6)
+        if self.cuda:
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated(self.dev) / 2**30, 2)
+        if self.cfg.log_keys:
+            row["keys"] = list(self.keys)
+            self.keys.clear()
+        skipped = self.source.skipped()
+        if skipped:  # reported as it happens (and kept in the checkpoint's reader state)
+            row["skipped"] = skipped
+        return row
+
+
 def train_corrector(cfg: CorrectorTrainConfig, family_cls: type[CorrectorFamily], family_kwargs: dict | None = None,
                     name: str = "corrector", stop_after: int | None = None, source: SourceFactory | None = None,
                     validation: ValidatorFactory | None = None) -> CorrectorTrainResult:
-    """Train the adapters of `family_cls(**family_kwargs, device=...)`.
+    """Train the adapters of `family_cls(**family_kwargs, device=...)` through the project's one loop.
 
     `source` makes each process's batches (default: `GenRefBatches` on cfg.genref); `validation`
     makes the validator (default: `CorrectorValidation` of cfg.val_size GenRef samples; a factory
@@ -784,16 +677,11 @@ def train_corrector(cfg: CorrectorTrainConfig, family_cls: type[CorrectorFamily]
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from tqdm import tqdm
 
-    from ..models.flow import logit_normal, loss_by_bin, per_sample_mse
-
     cfg.validate()
     if source is None and not cfg.genref:
         raise ValueError(NO_GENREF)
     check_resumable(cfg)
-    out = Path(cfg.out_dir)
-    if (out / "checkpoint").exists() and not cfg.resume:
-        raise ValueError(f"{out} already holds a checkpoint; pass resume=True (--resume) to continue it or pick "
-                         "another out_dir")
+    out = refuse_overwrite(cfg)
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if cuda and cfg.device.startswith("cuda:"):  # a single process on a chosen GPU (accelerate takes the current one)
         torch.cuda.set_device(torch.device(cfg.device))
@@ -802,147 +690,57 @@ def train_corrector(cfg: CorrectorTrainConfig, family_cls: type[CorrectorFamily]
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cfg.bf16 and cuda else "no",
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     dev = acc.device
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    trackers = Trackers(cfg, acc.is_main_process, name)
     validator = None
-    if acc.is_main_process:
+    if acc.is_main_process:  # before the model loads: a verifier option that does not fit fails early
         validator = validation() if validation is not None else genref_validation(cfg, family_cls.default_verifier)
 
-    # 1. the model, its optimizer and schedule, the EMA
-    torch.manual_seed(cfg.seed)  # the adapters' initialisation: the same on every process
-    family = family_cls(**(family_kwargs or {}), device=dev)
-    params = family.trainable()
-    if not params:
-        raise ValueError("the model has no trainable adapter parameters")
-    opt = make_optimizer(cfg, list(params.values()), dev)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
-    module, opt = acc.prepare(family.module, opt)  # DDP over the adapters' gradients when launched on several
-    forward = torch.compile(module) if cfg.compile else module
-    ema = AdapterEMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
-
-    # 2. the data, and where a resumed run stands
+    # 1. the data, the model (its adapters train), the optimizer, the EMA of the adapters; on resume
+    # all of them (and the RNG states, the source's position) as the checkpoint left them
     batches = (source or (lambda rank, n: GenRefBatches(cfg, rank, n)))(acc.process_index, acc.num_processes)
-    subsets = tuple(batches.subsets)
-    ckpt = Checkpointer(cfg, acc, family, opt, sched, batches, ema)
-    step = 0
-    if cfg.resume and (out / "checkpoint").exists():
-        step = ckpt.load()
-        # The saved lr is the old schedule's; max_steps may have changed since (a resumable change).
-        for g, base in zip(opt.param_groups, sched.base_lrs):
-            g["lr"] = base * lr_factor(cfg, step)
+    made: dict = {}
+
+    def build() -> nn.Module:  # start_run seeds torch first: the same adapters on every process
+        made["family"] = family = family_cls(**(family_kwargs or {}), device=dev)
+        if not family.trainable():
+            raise ValueError("the model has no trainable adapter parameters")
+        return family.module
+
+    checkpoint = Checkpoint("adapters", {"config": cfg.to_dict()}, source=batches)
+    run = start_run(cfg, build, acc, checkpoint, ema=cfg.ema_decay > 0)
+    family = made["family"]
+    trackers = Trackers(cfg, acc.is_main_process, name)
     for note in trackers.notes:
         acc.print(note)
     if getattr(validator, "skipped", None):
         acc.print(describe_skips("GenRef validation", validator.skipped))
     if acc.is_main_process:
-        _trim_jsonl(out / "log.jsonl", step)
-        _trim_jsonl(out / "val.jsonl", step)
-    stream = prepared_batches(batches, family.prepare, step, cfg.num_workers, pin_memory=cuda)
-    strengths = torch.tensor(cfg.partial_strengths, device=dev)  # once: a per-step copy would sync the host
+        trim_log(out / "val.jsonl", run.step)
+    stream = prepared_batches(batches, family.prepare, run.step, cfg.num_workers, pin_memory=cuda)
+    steps = CorrectorSteps(cfg, acc, family, torch.compile(run.model) if cfg.compile else run.model, batches)
 
-    # 3. the loop
-    gen = torch.Generator(device=dev)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {name}", unit="step",
-               disable=not (cfg.progress and acc.is_main_process))
-    acc_loss = torch.zeros((), device=dev)
-    acc_bins, acc_counts = torch.zeros(LOSS_BINS, device=dev), torch.zeros(LOSS_BINS, device=dev)
-    acc_sub = torch.zeros(2, len(subsets), device=dev)  # per-subset loss sums and counts
-    acc_n, keys, losses, last_val, paused = 0, [], [], None, 0.0
-    t_start = t_log = time.perf_counter()
-    done_here = 0
+    # 2. validation (the EMA weights when EMA is on; the main process), its rows in val.jsonl
+    def validate(step: int, _model: nn.Module) -> dict | None:
+        return validator(step, family) if validator is not None else None
 
-    def minutes() -> float:
-        return (time.perf_counter() - t_start - paused) / 60
+    def log_validation(step: int, val_row: dict) -> None:
+        trim_log(out / "val.jsonl", step - 1)
+        trackers.log(val_row, "val.jsonl")
+        if cfg.progress:
+            tqdm.write(f"step {step}: validation {validator.describe(val_row)}")
 
+    def export(step: int) -> None:  # the shippable adapters, with every checkpoint (the EMA weights when on)
+        family.save_adapters(out / family.adapters_folder, {"step": step, "train_config": cfg.to_dict()})
+
+    hooks = LoopHooks(row=steps.row, log=trackers.log, validate=validate, validate_every=cfg.val_every,
+                      log_validation=log_validation, clock_ends_run=True, stop_after=stop_after)
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
-    module.train()
-    while step < cfg.max_steps:
-        batch = next(stream)
-        with torch.no_grad():
-            x0, inputs = family.encode(batch.data, dev)  # x0: (B, ...) the family's data space
-        B = x0.shape[0]
-        gen.manual_seed(step_seed(cfg.seed, step, acc.process_index))
-        t = logit_normal(B, cfg.t_mean, cfg.t_std, device=dev, generator=gen)  # (B,)
-        eps = torch.randn(x0.shape, device=dev, generator=gen, dtype=x0.dtype)
-        path = partial_path(x0, eps, t, inputs, cfg.partial_share, strengths, gen)
-        with acc.autocast():
-            v = forward(path.x_t, path.t, inputs)
-        per = per_sample_mse(v.float(), path.target.float())  # (B,)
-        loss = per.mean()
-        acc.backward(loss)
-        if cfg.grad_clip > 0:
-            acc.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(step)
-        step += 1
-        done_here += 1
-        bar.update(1)
-        s, c = loss_by_bin(path.t, per.detach(), LOSS_BINS)
-        acc_loss += loss.detach()
-        acc_bins += s
-        acc_counts += c
-        sub = batch.subsets.to(dev, non_blocking=True)
-        acc_sub[0].index_add_(0, sub, per.detach())
-        acc_sub[1].index_add_(0, sub, torch.ones_like(per))
-        acc_n += 1
-        if cfg.log_keys:
-            keys.append(acc.gather_for_metrics(batch.keys, use_gather_object=True) if acc.num_processes > 1
-                        else list(batch.keys))
-        end = step >= cfg.max_steps or (cfg.max_minutes is not None and minutes() >= cfg.max_minutes)
-        pause = not end and stop_after is not None and done_here >= stop_after
-        if step % cfg.log_every == 0 or end:
-            totals = acc.reduce(torch.cat([acc_loss[None] / acc_n, acc_bins, acc_counts, acc_sub.flatten()]), "sum")
-            mean_loss = totals[0].item() / acc.num_processes  # the one host sync per interval
-            bins, counts = totals[1 : 1 + LOSS_BINS], totals[1 + LOSS_BINS : 1 + 2 * LOSS_BINS]
-            sub_sum, sub_n = totals[1 + 2 * LOSS_BINS :].view(2, len(subsets))
-            now = time.perf_counter()
-            row = {"step": step, "loss": round(mean_loss, 6), "lr": cfg.lr * lr_factor(cfg, step - 1),
-                   "img_per_s": round(acc_n * B * acc.num_processes / (now - t_log), 2),
-                   "loss_by_t_bin": [round(x, 5) for x in (bins / counts.clamp(min=1)).tolist()],
-                   "loss_by_subset": {n: round(x, 5) for n, x, k in
-                                      zip(subsets, (sub_sum / sub_n.clamp(min=1)).tolist(), sub_n.tolist()) if k},
-                   "train_minutes": round(minutes(), 3)}
-            if cuda:
-                row["peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
-            if cfg.log_keys:
-                row["keys"] = keys
-            skipped = batches.skipped()
-            if skipped:  # reported as it happens (and kept in the checkpoint's reader state)
-                row["skipped"] = skipped
-            trackers.log(row)
-            losses.append(mean_loss)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['img_per_s']:.0f}")
-            acc_loss.zero_(), acc_bins.zero_(), acc_counts.zero_(), acc_sub.zero_()
-            acc_n, keys, t_log = 0, [], now
-        if step % cfg.ckpt_every == 0 or end or pause:
-            ckpt.save(step)
-        if step % cfg.val_every == 0 or end:
-            t0 = time.perf_counter()
-            if validator is not None:
-                module.eval()
-                with _weights_to_use(ema):
-                    last_val = validator(step, family)
-                module.train()
-                _trim_jsonl(out / "val.jsonl", step - 1)
-                trackers.log(last_val, "val.jsonl")
-                if cfg.progress:
-                    bar.write(f"step {step}: validation {validator.describe(last_val)}")
-            acc.wait_for_everyone()
-            paused += time.perf_counter() - t0
-            t_log += time.perf_counter() - t0
-        if end or pause:
-            break
-    bar.close()
+    res = run_loop(cfg, run, stream, steps.loss, export=export, hooks=hooks, desc=f"train {name}")
     del stream  # DataLoader workers end here
     trackers.close()
     acc.end_training()
     skipped = batches.skipped()
     if skipped:
         acc.print(describe_skips(f"GenRef training data (process {acc.process_index})", skipped))
-    return CorrectorTrainResult(step=step, minutes=minutes(), losses=losses, validation=last_val, skipped=skipped)
+    return CorrectorTrainResult(step=res.step, minutes=res.minutes, losses=steps.losses, validation=res.val or None,
+                                skipped=skipped)

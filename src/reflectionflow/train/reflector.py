@@ -25,7 +25,7 @@ from ..models.reflector import SIZES, WorldReflector
 from ..world import spec
 from ..world.commands import format_reflection, parse_reflection
 from ..world.detect import detect
-from .loop import StepBatches, TrainConfig, run_loop, start_run
+from .loop import LoopHooks, StepBatches, TrainConfig, run_loop, start_run
 from .verifier import build_pool, check_judge_data, flawed_render, harvest_pool
 from .world import DEFAULT_TAG_WEIGHTS, TRAIN_SEED_FLOOR, load_prompt_file, spread
 
@@ -152,6 +152,7 @@ def train_world_reflector(cfg: WorldReflectorConfig) -> ReflectorTrainResult:
             loss = model.loss(images.to(dev), model.tokenizer(prompts).to(dev), model.out_tokenizer(targets).to(dev))
         return loss, {}
 
-    res = run_loop(cfg, run, batches, batch_loss, export="reflector", validate=validate, desc="train reflector")
+    res = run_loop(cfg, run, batches, batch_loss, export="reflector", hooks=LoopHooks(validate=validate),
+                   desc="train reflector")
     return ReflectorTrainResult(step=res.step, minutes=res.minutes, last_loss=res.last_loss,
                                 val_exact=res.val.get("val_exact_match"), ema=run.ema.model)

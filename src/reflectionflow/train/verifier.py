@@ -43,7 +43,7 @@ from ..world.evaluate import evaluate_detections, evaluate_image
 from ..world.flaws import FLAW_KINDS, plant_flaw
 from ..world.render import render, sample_scene
 from .corrector_pool import check_harvests, load_harvests
-from .loop import StepBatches, TrainConfig, run_loop, start_run
+from .loop import LoopHooks, StepBatches, TrainConfig, run_loop, start_run
 from .world import DEFAULT_TAG_WEIGHTS, TRAIN_SEED_FLOOR, generate_images, load_prompt_file, spread
 
 TRAIN_HINT = "reflectionflow train world-verifier --out RUN (weights in RUN/verifier)"
@@ -464,8 +464,8 @@ def train_world_verifier(cfg: WorldVerifierConfig) -> VerifierTrainResult:
             row.update(held_accuracy=s["accuracy"], held_auc=s["auc"] or 0.0, held_ece=s["ece"])
         return row
 
-    res = run_loop(cfg, run, batches, batch_loss, export="verifier", desc="train verifier",
-                   validate=validate if (val is not None or held is not None) else None)
+    hooks = LoopHooks(validate=validate if (val is not None or held is not None) else None)
+    res = run_loop(cfg, run, batches, batch_loss, export="verifier", hooks=hooks, desc="train verifier")
     scores = None
     if held is not None:
         # Calibration: one temperature on the held-out searches, so that P(yes) means what it says

@@ -2,16 +2,19 @@
 
 One config base (`VLMTrainConfig`), the data sources (a JSONL file or GenRef shards, each read in
 a seeded order that a checkpoint records, so a resumed run sees the same data), LoRA or full
-tuning of a Qwen2-VL-family model, and one accelerate loop: bf16, gradient checkpointing,
-gradient accumulation, several GPUs and nodes (DDP), warm-up/cosine lr (train/loop.lr_at),
-validation every `val_every` steps, checkpoints with exact resume, tensorboard when installed.
+tuning of a Qwen2-VL-family model, and what they give the project's one training loop
+(train/loop.py's `start_run` and `run_loop`): an accelerate Accelerator (bf16, gradient
+accumulation, several GPUs and nodes with DDP), their log row and tensorboard, validation every
+`val_every` steps, the export at the end. Warm-up/cosine lr (train/loop.lr_at) and checkpoints
+with exact resume are the loop's; gradient checkpointing is `apply_tuning`'s.
 
-Run folder (as the world's trainers: train/loop.open_run_folder, append_log):
+Run folder (as every trainer's: train/loop.py):
     OUT/train_config.json   the resolved config (also inside the checkpoint)
     OUT/log.jsonl           one line per log interval and per validation
     OUT/tb/                 tensorboard events (only if tensorboard is importable)
-    OUT/checkpoint/         trainable.safetensors (LoRA adapters / head / tuned weights, fp32),
-                            optimizer.pt, state.json (step, config, every process's data position)
+    OUT/checkpoint/         the loop's format: trainable.safetensors (LoRA adapters / head / tuned
+                            weights, fp32), optimizer.pt, scheduler.pt, state.json (step, processes,
+                            train_config), rank_<r>.pt (every process's data position)
     OUT/<name>/             the exported model, written when the run ends (also on the clock)
 
 Multi-node runs need OUT on a filesystem every node sees (checkpoints are written by all ranks).
@@ -22,9 +25,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,7 +36,7 @@ import torch.nn as nn
 
 from ..data.genref import SUBSETS
 from ..runtime import is_int
-from .loop import append_log, lr_at, open_run_folder, step_seed, trim_log
+from .loop import Checkpoint, Interval, LoopHooks, Run, TrainResult, append_log, run_loop, start_run, step_seed
 
 # Linear layers of the language model only: the vision tower's MLP has layers of the same names.
 LM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -342,33 +344,13 @@ def weights_dtype(cfg: VLMTrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.bf16 and device.type == "cuda" and cfg.tune == "lora" else torch.float32
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def merged(model: nn.Module) -> nn.Module:
     """The LoRA adapters folded into the weights (a plain transformers model), or the model itself."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 # ----------------------------------------------------------------------------------------------
-# The run
-
-
-@dataclass
-class VLMRun:
-    cfg: VLMTrainConfig
-    out: Path
-    acc: object  # accelerate.Accelerator
-    model: nn.Module  # prepared (DDP-wrapped on several processes)
-    opt: torch.optim.Optimizer
-    source: object  # JsonlSource | GenRefSource
-    step: int
-    tb: object | None = None  # tensorboard SummaryWriter on the main process
-
-    @property
-    def unwrapped(self) -> nn.Module:
-        return self.acc.unwrap_model(self.model)
+# The run: train/loop.py's start_run and run_loop with the judges' accelerator, data and log
 
 
 def make_accelerator(cfg: VLMTrainConfig):
@@ -379,100 +361,27 @@ def make_accelerator(cfg: VLMTrainConfig):
                        gradient_accumulation_steps=cfg.grad_accum)
 
 
-def start_vlm_run(cfg: VLMTrainConfig, build_model: Callable, make_source: Callable) -> VLMRun:
-    """Validate, open (or resume) the run folder, build the model on this process's device, the
-    optimizer over the trainable weights and the data source; restore all three on resume."""
+def start_vlm_run(cfg: VLMTrainConfig, build_model: Callable, make_source: Callable) -> tuple[Run, object]:
+    """The accelerator, this process's data source (`make_source(rank, world)`) and `start_run`:
+    validate, open (or resume) the run folder, build the model on this process's device
+    (`build_model(device)`), the optimizer over the trainable weights, no EMA; restore all three on
+    resume (OUT/checkpoint/trainable.safetensors, each process's data position). Returns the run
+    and the source."""
     acc = make_accelerator(cfg)
-    out = open_run_folder(cfg, write=acc.is_main_process)
-    acc.wait_for_everyone()
-    torch.manual_seed(cfg.seed)
-    model = build_model(acc.device).to(acc.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     source = make_source(acc.process_index, acc.num_processes)
-    step = 0
-    ck = out / "checkpoint"
-    if cfg.resume and ck.exists():
-        step = load_vlm_checkpoint(ck, model, opt, source, acc.process_index, acc.num_processes)
-    if acc.is_main_process:
-        trim_log(out / "log.jsonl", step)
-    model, opt = acc.prepare(model, opt)
-    tb = None
-    if acc.is_main_process:
-        if importlib.util.find_spec("tensorboard") is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = SummaryWriter(str(out / "tb"), purge_step=step + 1)
-        else:
-            print(f"tensorboard is not installed: the log is {out / 'log.jsonl'} only")
-    return VLMRun(cfg, out, acc, model, opt, source, step, tb)
-
-
-def save_vlm_checkpoint(run: VLMRun) -> None:
-    """OUT/checkpoint written by every process (its data position), then renamed in one move."""
-    acc, out = run.acc, run.out
-    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    (tmp / f"data_{acc.process_index}.json").write_text(json.dumps(run.source.state_dict()))
-    if acc.is_main_process:
-        from safetensors.torch import save_file
-
-        save_file(trainable_state(run.unwrapped), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": run.opt.state_dict(), "step": run.step}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": run.step, "processes": acc.num_processes,
-                                                    "train_config": run.cfg.to_dict()}, indent=1))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-
-
-def load_vlm_checkpoint(ck: Path, model: nn.Module, opt, source, rank: int, world: int) -> int:
-    from safetensors.torch import load_file
-
-    state = json.loads((ck / "state.json").read_text())
-    if state["processes"] != world:
-        raise ValueError(f"{ck} was written by {state['processes']} processes; resume with the same number "
-                         f"(got {world}) so that every process continues its own data")
-    saved = load_file(str(ck / "trainable.safetensors"))
-    mine = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
-    if {n: tuple(t.shape) for n, t in saved.items()} != mine:
-        raise ValueError(f"{ck}: the checkpoint's trainable weights differ from this run's "
-                         f"(names or shapes); resume with the same base, tune and LoRA settings")
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in saved:
-                p.copy_(saved[n].to(dev, p.dtype))
-    opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=True)["optimizer"])
-    source.load_state_dict(json.loads((ck / f"data_{rank}.json").read_text()))
-    return int(state["step"])
-
-
-@dataclass
-class VLMLoopResult:
-    step: int
-    minutes: float
-    last_loss: float
-    val: dict = field(default_factory=dict)
-    skipped: dict = field(default_factory=dict)  # reason -> examples skipped, all processes
+    checkpoint = Checkpoint("trainable", {"train_config": cfg.to_dict()}, source=source)
+    run = start_run(cfg, lambda: build_model(acc.device), acc, checkpoint, ema=False)
+    return run, source
 
 
 BatchLoss = Callable[[nn.Module, list], tuple[torch.Tensor, dict[str, float]]]
 Validate = Callable[[nn.Module], dict[str, float]]
 
 
-def _skipped_total(run: VLMRun) -> dict:
+def _skipped_total(source, acc) -> dict:
     """Skip counts summed over processes (a collective: every process calls it)."""
-    mine = run.source.skipped
-    if run.acc.num_processes == 1:
+    mine = source.skipped
+    if acc.num_processes == 1:
         return dict(mine)
     from accelerate.utils import gather_object
 
@@ -483,90 +392,74 @@ def _skipped_total(run: VLMRun) -> dict:
     return total
 
 
-def run_vlm_loop(run: VLMRun, name: str, batch_loss: BatchLoss, validate: Validate | None,
-                 export: Callable[[nn.Module], None]) -> VLMLoopResult:
-    """Train until max_steps or max_minutes; log, validate, checkpoint; export OUT/<name> at the end.
+def _examples(cfg: VLMTrainConfig, run: Run, source) -> Iterator[list]:
+    """cfg.batch_size examples per micro-step, cfg.grad_accum micro-steps per step. LoRA dropout (the
+    only randomness in a step) is drawn from (seed, step, process), seeded as a step's first
+    examples are drawn: exact resume."""
+    step = run.step
+    while True:
+        torch.manual_seed(step_seed(cfg.seed, step) + run.procs.process_index)
+        random.seed(step_seed(cfg.seed, step))
+        for _ in range(cfg.grad_accum):
+            yield [source.next() for _ in range(cfg.batch_size)]
+        step += 1
 
-    Batches come from `run.source` (cfg.batch_size examples per micro-step); `batch_loss(model,
-    examples)` returns the loss and per-batch statistics; `validate(unwrapped model)` runs on
-    every process and returns scores already reduced over processes."""
-    from tqdm import tqdm
 
-    cfg, acc, model, opt = run.cfg, run.acc, run.model, run.opt
-    params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=f"train {name}", unit="step",
-               disable=not (cfg.progress and acc.is_main_process))
-    t0, sums, n, last_loss, val = time.perf_counter(), {}, 0, float("nan"), {}
-    t_log = t0
+def train_vlm_judge(cfg: VLMTrainConfig, run: Run, source, name: str, batch_loss: BatchLoss,
+                    validate: Validate | None, export: Callable[[nn.Module], None]) -> tuple[TrainResult, dict]:
+    """Train through train/loop.run_loop until max_steps or max_minutes, then export OUT/<name> on the
+    main process (`export(unwrapped model)`, also when the clock stopped the run).
+
+    `batch_loss(model, examples)` returns the loss and per-batch statistics (floats); `validate(
+    unwrapped model)` runs on every process every val_every steps and at the end, and returns scores
+    already reduced over processes (a row of log.jsonl, as the trainer's rows: step, the statistics'
+    means, lr, s_per_step, train_minutes, skipped). tensorboard (OUT/tb) when installed; the clock
+    (max_minutes, train_minutes) counts validation. Returns the result (its minutes include the
+    export) and the skip counts summed over processes."""
+    acc = run.procs
+    tb = None
+    if acc.is_main_process:
+        if importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(run.out / "tb"), purge_step=run.step + 1)
+        else:
+            print(f"tensorboard is not installed: the log is {run.out / 'log.jsonl'} only")
 
     def log(row: dict) -> None:
         if acc.is_main_process:
             append_log(run.out, row)
-            if run.tb is not None:
+            if tb is not None:
                 for k, v in row.items():
                     if isinstance(v, (int, float)) and k != "step":
-                        run.tb.add_scalar(k, v, row["step"])
-                run.tb.flush()
+                        tb.add_scalar(k, v, row["step"])
+                tb.flush()
 
-    def do_validate() -> None:
-        nonlocal val
-        if validate is None:
-            return
-        model.eval()
-        val = {k: round(float(v), 5) for k, v in validate(run.unwrapped).items()}
-        model.train()
-        log({"step": run.step, **val})
-        bar.set_postfix(loss=f"{last_loss:.4f}", **{k: f"{v:.3f}" for k, v in val.items()})
+    def row(iv: Interval) -> dict:
+        keys = sorted(iv.sums)
+        means = torch.tensor([iv.sums[k] / (iv.batches * iv.processes) for k in keys]).tolist()
+        return {"step": iv.step, **{k: round(v, 5) for k, v in zip(keys, means)}, "lr": iv.lr,
+                "s_per_step": round((iv.seconds - iv.saving) * cfg.grad_accum / iv.batches, 3),
+                "train_minutes": round(iv.minutes, 3), "skipped": _skipped_total(source, acc)}
 
-    model.train()
-    while run.step < cfg.max_steps and (cfg.max_minutes is None or (time.perf_counter() - t0) / 60 < cfg.max_minutes):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(run.step, cfg)
-        # LoRA dropout (the only randomness in a step) from (seed, step, process): exact resume.
-        torch.manual_seed(step_seed(cfg.seed, run.step) + acc.process_index)
-        random.seed(step_seed(cfg.seed, run.step))
-        for _ in range(cfg.grad_accum):
-            examples = [run.source.next() for _ in range(cfg.batch_size)]
-            with acc.accumulate(model):
-                loss, stats = batch_loss(model, examples)
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.grad_clip > 0:
-                    acc.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            for k, v in {"loss": loss.item(), **stats}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-        run.step += 1
-        bar.update(1)
-        if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
-            keys = sorted(sums)
-            means = acc.reduce(torch.tensor([sums[k] / n for k in keys], device=acc.device), "mean").tolist()
-            now = time.perf_counter()
-            row = {"step": run.step, **{k: round(v, 5) for k, v in zip(keys, means)}, "lr": lr_at(run.step - 1, cfg),
-                   "s_per_step": round((now - t_log) * cfg.grad_accum / n, 3),
-                   "train_minutes": round((now - t0) / 60, 3), "skipped": _skipped_total(run)}
-            last_loss = row["loss"]
-            log(row)
-            bar.set_postfix(loss=f"{last_loss:.4f}")
-            sums, n, t_log = {}, 0, now
-        t_pause = time.perf_counter()
-        if run.step % cfg.val_every == 0 or run.step == cfg.max_steps:
-            do_validate()
-        if run.step % cfg.ckpt_every == 0 or run.step == cfg.max_steps:
-            save_vlm_checkpoint(run)
-        t_log += time.perf_counter() - t_pause  # s_per_step counts training steps only
-    bar.close()
-    if run.step % cfg.ckpt_every and run.step != cfg.max_steps:  # stopped by the clock: keep what was done
-        save_vlm_checkpoint(run)
-    skipped = _skipped_total(run)
+    def scores(step: int, model: nn.Module) -> dict:
+        return {k: round(float(v), 5) for k, v in validate(model).items()}
+
+    hooks = LoopHooks(row=row, log=log, validate=scores if validate is not None else None,
+                      validate_every=cfg.val_every, log_validation=lambda step, val: log({"step": step, **val}),
+                      clock_counts_validation=True)
+    res = run_loop(cfg, run, _examples(cfg, run, source), lambda examples, step: batch_loss(run.model, examples),
+                   export=None, hooks=hooks, desc=f"train {name}")
+    t0 = time.perf_counter()
+    skipped = _skipped_total(source, acc)
     if acc.is_main_process:
         export(run.unwrapped)
     acc.wait_for_everyone()
-    if run.tb is not None:
-        run.tb.close()
-    minutes = (time.perf_counter() - t0) / 60
-    return VLMLoopResult(step=run.step, minutes=minutes, last_loss=last_loss, val=val, skipped=skipped)
+    if tb is not None:
+        tb.close()
+    res.minutes += (time.perf_counter() - t0) / 60
+    res.last_loss = round(res.last_loss, 5)
+    return res, skipped
 
 
 def reduce_sums(acc, values: list[float]) -> list[float]:

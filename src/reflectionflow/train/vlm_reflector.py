@@ -43,8 +43,8 @@ from .vlm_common import (
     merged,
     read_jsonl,
     reduce_sums,
-    run_vlm_loop,
     start_vlm_run,
+    train_vlm_judge,
     weights_dtype,
 )
 
@@ -181,8 +181,8 @@ def train_reflector(cfg: ReflectorTrainConfig) -> ReflectorTrainResult:
     image_token_id = Q.image_token_id(AutoConfig.from_pretrained(cfg.base))
     maker = ExampleMaker(tok, pix, cfg)
     make_source, val_examples, val_skipped = data_sources(cfg, maker, cot_lines)
-    run = start_vlm_run(cfg, lambda dev: build_reflector_model(cfg, dev), make_source)
-    acc = run.acc
+    run, source = start_vlm_run(cfg, lambda dev: build_reflector_model(cfg, dev), make_source)
+    acc = run.procs
 
     def batch_loss(model, examples: list[Example]):
         inputs, labels = collate(examples, model, tok, image_token_id, acc.device)
@@ -230,8 +230,9 @@ def train_reflector(cfg: ReflectorTrainConfig) -> ReflectorTrainResult:
                 "base": str(Path(cfg.base).resolve()), "step": run.step}
         (dest / REFLECTOR_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
 
-    res = run_vlm_loop(run, "reflector", batch_loss, validate if val_examples else None, export)
-    skipped = dict(res.skipped) | {f"val_{k}": v for k, v in val_skipped.items()}
+    res, skipped = train_vlm_judge(cfg, run, source, "reflector", batch_loss, validate if val_examples else None,
+                                   export)
+    skipped = dict(skipped) | {f"val_{k}": v for k, v in val_skipped.items()}
     return ReflectorTrainResult(step=res.step, minutes=res.minutes, last_loss=res.last_loss,
                                 val_loss=res.val.get("val_loss"), val_parse_share=res.val.get("val_parse_share"),
                                 skipped=skipped, out=run.out / "reflector")

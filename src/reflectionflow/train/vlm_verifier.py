@@ -40,8 +40,8 @@ from .vlm_common import (
     merged,
     read_jsonl,
     reduce_sums,
-    run_vlm_loop,
     start_vlm_run,
+    train_vlm_judge,
     weights_dtype,
 )
 
@@ -234,8 +234,8 @@ def train_verifier(cfg: VerifierTrainConfig) -> VerifierTrainResult:
     image_token_id = Q.image_token_id(_config(cfg.base))
     maker = PairMaker(tok, pix, cfg.max_length)
     make_source, val_pairs, val_skipped = data_sources(cfg, maker, pair_lines)
-    run = start_vlm_run(cfg, lambda dev: build_reward_model(cfg, dev), make_source)
-    acc = run.acc
+    run, source = start_vlm_run(cfg, lambda dev: build_reward_model(cfg, dev), make_source)
+    acc = run.procs
 
     def batch_loss(model, pairs: list[Pair]):
         inputs, labels, targets = collate(pairs, tok, model, image_token_id, acc.device)
@@ -280,8 +280,8 @@ def train_verifier(cfg: VerifierTrainConfig) -> VerifierTrainResult:
         Q.copy_processing_files(cfg.base, dest)
         (dest / "preprocessor_config.json").write_text(json.dumps(pix.to_preprocessor_config(), indent=1) + "\n")
 
-    res = run_vlm_loop(run, "verifier", batch_loss, validate if val_pairs else None, export)
-    skipped = dict(res.skipped)
+    res, skipped = train_vlm_judge(cfg, run, source, "verifier", batch_loss, validate if val_pairs else None, export)
+    skipped = dict(skipped)
     for k, v in val_skipped.items():
         skipped[f"val_{k}"] = v
     return VerifierTrainResult(step=res.step, minutes=res.minutes, last_loss=res.last_loss,
