@@ -281,6 +281,17 @@ def test_pool_validation_also_runs_from_the_trained_partial_starts(folders, tmp_
     assert not any("@" in k for k in run("plain", partial_share=0.0))
 
 
+def missing_circle_requests(n: int = 16) -> tuple[dict, list[CorrectionRequest]]:
+    """n renders of "three circles" with one circle missing, each with the reflection that fixes it."""
+    meta = parse_prompt("a photo of three circles")
+    reqs = []
+    for k in range(n):
+        rng = random.Random(k)
+        reqs.append(CorrectionRequest(render(plant_flaw(meta, sample_scene(meta, rng), "missing", rng)),
+                                      meta["prompt"], "- Add one circle.", seed=k))
+    return meta, reqs
+
+
 def test_shipped_corrector_loads_fits_its_budget_and_edits():
     from reflectionflow.backends.world.mmdit import DEFAULT_CORRECTOR
     from reflectionflow.train.corrector_pool import label_one
@@ -290,12 +301,7 @@ def test_shipped_corrector_loads_fits_its_budget_and_edits():
     assert (DEFAULT_CORRECTOR / "lora.safetensors").stat().st_size < 16e6
     c = build("corrector", "world-mmdit", device="cpu")  # the shipped LoRA on the shipped generator
     assert c.cond_attention == "full" and c.config["lora"]["scope"] == "cond"
-    meta = parse_prompt("a photo of three circles")
-    reqs = []
-    for k in range(16):
-        rng = random.Random(k)
-        reqs.append(CorrectionRequest(render(plant_flaw(meta, sample_scene(meta, rng), "missing", rng)),
-                                      meta["prompt"], "- Add one circle.", seed=k))
+    meta, reqs = missing_circle_requests()
     outs = c.correct(reqs)
     assert all(o.nfe == 40 for o in outs)
     # A render with one circle missing is fixed 4 times in 16 by the shipped corrector (the
@@ -317,12 +323,7 @@ def test_shipped_partial_start_correctors_run_half_the_steps_and_edit(name, atte
     c = build("corrector", name, device="cpu")
     assert c.cond_attention == attention and c.opt.strength == 0.5
     assert json.loads((folder / "corrector.json").read_text())["train_config"]["partial_strengths"] == [0.5]
-    meta = parse_prompt("a photo of three circles")
-    reqs = []
-    for k in range(16):
-        rng = random.Random(k)
-        reqs.append(CorrectionRequest(render(plant_flaw(meta, sample_scene(meta, rng), "missing", rng)),
-                                      meta["prompt"], "- Add one circle.", seed=k))
+    meta, reqs = missing_circle_requests()
     outs = c.correct(reqs)
     assert all(o.nfe == 20 and o.image.shape == r.image.shape for o, r in zip(outs, reqs))
     fixed = sum(label_one(o.image, meta, 0, with_target=False).correct for o in outs)
