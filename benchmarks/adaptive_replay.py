@@ -5,8 +5,10 @@ is sure of, and what that saves.
 
 RUN folders are `reflectionflow sweep` / `generate` run folders (world prompts, a learned or oracle
 verifier). For a threshold t, each prompt's candidates are taken in the order the engine made
-them (`order` in the trace) up to and including the first one scored >= t (all of them when none
-is); the pick is the best-scored candidate among those. The pick is judged by the exact evaluator.
+them (`order` in the trace) up to and including the first one the verifier is sure of by the
+engine's early-stop test (`engine.candidates.confident`: a yes with a score >= t; all of them when
+none is). The pick among those is the engine's (`engine.candidates.best`, as post-hoc best-of-k),
+judged by the exact evaluator.
 
 This is a replay, not a run: it is exact for a policy that stops a whole prompt at that point,
 because the engine makes candidates in a fixed order and nothing made before the stop depends on
@@ -26,10 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from reflectionflow.io import load_png
+from reflectionflow.engine.candidates import Candidate, best, confident
+from reflectionflow.engine.posthoc import _evaluator, _metadata
 from reflectionflow.runs import RunFolder
-from reflectionflow.world import spec
-from reflectionflow.world.evaluate import evaluate_image
 
 
 def unit_seconds(folder: Path) -> dict[str, float]:
@@ -39,44 +40,37 @@ def unit_seconds(folder: Path) -> dict[str, float]:
     return {name: (st["wall_s"] / st["items"] if st.get("items") else 0.0) for name, st in stages.items()}
 
 
-def candidate_seconds(rec: dict, unit: dict[str, float]) -> float:
-    stage = "correct" if "correct" in rec["kind"] else "generate"
-    s = unit.get(stage, 0.0) + unit.get("verify", 0.0)
-    if (rec.get("round") or 0) >= 1:
+def candidate_seconds(c: Candidate, unit: dict[str, float]) -> float:
+    s = unit.get("correct" if "correct" in c.kind else "generate", 0.0) + unit.get("verify", 0.0)
+    if c.round >= 1:
         s += unit.get("reflect", 0.0) + unit.get("refine", 0.0)
     return s
 
 
 def replay(folder: Path, thresholds: list[float]) -> dict:
+    """Accuracy, images and seconds per prompt at the fixed budget and at each threshold: the
+    engine's own pick (`best`) among the candidates up to its first `confident` one."""
     run = RunFolder(folder)
     unit = unit_seconds(folder)
-    prompts = []
-    for i in run.prompt_indices():
-        meta = json.loads((run.prompt_dir(i) / "metadata.jsonl").read_text().splitlines()[0])
-        recs = sorted(run.load_trace(i), key=lambda r: r["order"])
-        if not recs:
-            continue
-        parsed = spec.parse_prompt(meta["prompt"])
-        correct = {}  # candidate index -> the evaluator's verdict, judged only when picked
-
-        def verdict(j: int, i=i, recs=recs, parsed=parsed, correct=correct) -> bool:
-            if j not in correct:
-                correct[j] = bool(evaluate_image(load_png(run.image_path(i, recs[j]["file"])), parsed).correct)
-            return correct[j]
-
-        prompts.append((meta.get("tag", "?"), recs, verdict))
-    out = {"run": str(folder), "prompts": len(prompts), "rows": []}
+    traces = {i: sorted((Candidate.from_record(r) for r in run.load_trace(i)), key=lambda c: c.order)
+              for i in run.prompt_indices()}
+    traces = {i: t for i, t in traces.items() if t}
+    metas = {i: _metadata(run, i) for i in traces}
+    judge = _evaluator(metas)
+    if judge is None:
+        raise SystemExit(f"{folder}: not every prompt is a Shapes-world prompt; the exact evaluator cannot judge it")
+    verdicts: dict[tuple[int, str], bool] = {}  # each picked image is judged once
+    out = {"run": str(folder), "prompts": len(traces), "rows": []}
     for t in [None, *thresholds]:
         acc, images, seconds = [], [], []
-        for _tag, recs, verdict in prompts:
-            stop = len(recs)
-            if t is not None:
-                sure = (j + 1 for j, r in enumerate(recs) if r["score"] is not None and r["score"] >= t)
-                stop = next(sure, len(recs))
-            scores = [(r["score"] if r["score"] is not None else -1.0) for r in recs[:stop]]
-            acc.append(verdict(int(np.argmax(scores))))
+        for i, cands in traces.items():
+            stop = next((j + 1 for j, c in enumerate(cands) if confident(c, t)), len(cands))
+            pick = best(cands[:stop])
+            if (i, pick.file) not in verdicts:
+                verdicts[i, pick.file] = judge(run.prompt_dir(i) / pick.file, metas[i])
+            acc.append(verdicts[i, pick.file])
             images.append(stop)
-            seconds.append(sum(candidate_seconds(r, unit) for r in recs[:stop]))
+            seconds.append(sum(candidate_seconds(c, unit) for c in cands[:stop]))
         out["rows"].append({"threshold": t, "accuracy": round(float(np.mean(acc)), 4),
                             "images_per_prompt": round(float(np.mean(images)), 3),
                             "seconds_per_prompt": round(float(np.mean(seconds)), 3)})
