@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every world trainer through the shared loop (train/loop.run_loop) on a GPU, briefly: the
 # generator, the verifier and the reflector (renders), and the corrector with --compile on a small
-# pool, stopped and resumed. Not a measurement of quality: it checks that CUDA, bf16, compile and
-# the checkpoint round trip run. About 2 minutes on an H200.
+# pool, then `--resume` of that run (on an H200 its 80 steps fit in the clock, so the resume reloads
+# a finished checkpoint; resuming a run stopped midway is left to the CPU tests). Not a measurement
+# of quality: it checks that CUDA, bf16, compile and checkpoint loading run. About 2 minutes on an H200.
 #   bash benchmarks/train_loop_gpu_smoke.sh OUTDIR
 set -uo pipefail
 OUT=${1:?usage: train_loop_gpu_smoke.sh OUTDIR}

@@ -400,7 +400,7 @@ class _Payload:
 
 
 def test_a_crafted_checkpoint_file_runs_nothing(tmp_path):
-    from reflectionflow.train.corrector_common import load_plain
+    from reflectionflow.train.loop import load_plain
 
     marker = tmp_path / "pwned"
     path = tmp_path / "optimizer.pt"
@@ -415,7 +415,7 @@ def test_a_crafted_checkpoint_file_runs_nothing(tmp_path):
 def test_rng_state_round_trips_through_weights_only(tmp_path):
     import random
 
-    from reflectionflow.train.corrector_common import _rng_state, _set_rng_state, load_plain
+    from reflectionflow.train.loop import _rng_state, _set_rng_state, load_plain
 
     np.random.seed(5)
     random.seed(5)

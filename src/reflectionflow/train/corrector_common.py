@@ -61,7 +61,6 @@ import torch
 import torch.nn as nn
 
 from ..io import append_jsonl
-from . import loop
 from .loop import (
     LOSS_BINS,
     LR_SCHEDULES,
@@ -77,9 +76,6 @@ from .loop import (
     step_seed,
     trim_log,
 )
-
-# The checkpoint readers, which live in train/loop.py now, importable here as before.
-load_plain, _rng_state, _set_rng_state = loop.load_plain, loop._rng_state, loop._set_rng_state
 
 TRACKERS = ("tensorboard", "wandb")
 NO_GENREF = "genref: no GenRef shards given (a folder, glob or brace pattern of .tar shards)"
