@@ -7,7 +7,8 @@
 # with the oracle's reflection, passed samples broken by "keep").
 #   bash benchmarks/world_corrector_long.sh OUTDIR [STEPS] [SECONDS]
 # A CPU smoke test: POOL_SIZE=64 POOL_FLAGS="--val-prompts 6 --device cpu" LABEL_WORKERS=1 EXTRA="--device cpu --no-compile --batch-size 8 --workers 0 --val-max 8" EVAL_FLAGS="--limit 6 --device cpu" with STEPS 2.
-# OUTDIR receives corr.tar (the adapters, config, logs) and eval.json; the table is printed last.
+# OUTDIR receives corr.tar (the adapters, config, logs) and eval.json; the table is printed last. The
+# comparison stops after EVAL_LIMIT seconds (90), so a slow machine still brings the adapters back.
 set -euo pipefail
 OUT=${1:?usage: world_corrector_long.sh OUTDIR [STEPS] [SECONDS]}
 STEPS=${2:-8000}
