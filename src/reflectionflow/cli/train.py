@@ -30,8 +30,10 @@ GENERATOR = [
     ("--tag-weights", "tag_weights", weight_map, "category weights of the data, e.g. position=0.3,counting=0.2"),
     ("--final-eval-prompts", "final_eval_prompts", int, "benchmark prompts scored at the end (default all 553)"),
     ("--eval-batch", "eval_batch", int, "batch when sampling for evaluation"),
-    ("--caption-mix", "caption_mix", weight_map, "training-caption shares (world.captions.CaptionMix), e.g. "
-     "template=0.3,combined=0.35,relation=0.35"),
+    ("--caption-mix", "caption_mix", weight_map, "training-caption shares and alt-text noise rates "
+     "(world.captions.CaptionMix), e.g. template=0.3,combined=0.35,relation_noise=0.9"),
+    ("--init-from", "init_from", str, "a trained generator folder to start from (same --size; new words and "
+     "text positions start fresh)"),
 ]
 # The corrector trains through the shared corrector trainer, whose fields name validation settings val_*.
 CORRECTOR = [
@@ -75,7 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "the FLUX reflection corrector and the Qwen2.5-VL verifier and reflector; each run folder "
                        "stores its resolved config.")
     tsub = t.add_subparsers(dest="train_command", metavar="WHAT", required=True)
-    g = tsub.add_parser("world-generator", help="the world's text-to-image MMDiT, from scratch",
+    g = tsub.add_parser("world-generator",
+                        help="the world's text-to-image MMDiT, from scratch or --init-from a trained one",
                         description="Flow matching on scenes rendered on the fly; OUT/ema holds the fp16 weights.")
     add_common_flags(g)
     add_flags(g, GENERATOR)

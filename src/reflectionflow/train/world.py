@@ -29,7 +29,7 @@ from ..models.mmdit import SIZES, MMDiT, count_parameters
 from ..models.text import Tokenizer
 from ..runtime import is_number
 from ..world import spec
-from ..world.captions import CaptionMix, scene_caption
+from ..world.captions import CaptionMix, scene_caption, scene_metadata
 from ..world.data import DEFAULT_TAG_WEIGHTS, load_prompt_file, spread  # noqa: F401  (the trainers' names)
 from ..world.render import render, sample_scene
 from .loop import Batch, StepBatches, TrainConfig, TrainResult, resolve_device, to_uint8, train_flow_model
@@ -51,6 +51,7 @@ class WorldTrainConfig(TrainConfig):
     # None: the template prompts only.
     caption_mix: dict | None = field(default_factory=lambda: asdict(CaptionMix()))
     snapshots: bool = False  # keep the EMA weights of every validation step in OUT/snapshots/step_N
+    init_from: str | None = None  # a trained generator folder to start from (`warm_start`); None: from scratch
 
     def validate(self) -> WorldTrainConfig:
         super().validate()
@@ -65,6 +66,8 @@ class WorldTrainConfig(TrainConfig):
             self.caption_mix = {**asdict(CaptionMix()), **self.caption_mix}
             if self.caption_mix["template"] + self.caption_mix["combined"] > 1.0:
                 raise ValueError("caption_mix template + combined must be <= 1")
+        if self.init_from is not None and not (Path(self.init_from) / "model.safetensors").is_file():
+            raise ValueError(f"init_from {self.init_from}: no generator weights there (expected model.safetensors)")
         if self.model_size not in SIZES:
             raise ValueError(f"model_size {self.model_size!r}; accepted: {', '.join(SIZES)}")
         bad = sorted(set(self.tag_weights) - set(spec.TAGS))
@@ -96,9 +99,10 @@ class WorldBatches(StepBatches):
         images = np.empty((self.batch_size, spec.IMAGE_SIZE, spec.IMAGE_SIZE, 3), dtype=np.uint8)
         texts = []
         for i, (m, s) in enumerate(zip(metas, seeds)):
-            scene = sample_scene(m, random.Random(s))
-            render(scene, out=images[i])
             rng = random.Random(s ^ CAPTION_SALT)
+            drawn = m if self.mix is None else scene_metadata(m, rng, self.mix)  # alt-text noise
+            scene = sample_scene(drawn, random.Random(s))
+            render(scene, out=images[i])
             texts.append(m["prompt"] if self.mix is None else scene_caption(m, scene, rng, self.mix))
         return torch.from_numpy(images), self.tokenizer(texts), torch.from_numpy(tags)
 
@@ -185,12 +189,56 @@ class WorldTrainResult:
     scores: dict | None  # GenEval-Shapes summary of the final EMA model (None: not evaluated)
 
 
+def warm_start(model: MMDiT, folder: str | Path) -> dict:
+    """Start `model` from a trained generator (a fine-tune, the way a model is re-trained on better
+    captions): every weight of the same name and shape is copied; the text embedding is copied word
+    by word, so words the trained model never read keep their fresh initialisation; a longer text
+    encoder copies the trained position rows and repeats the last one for the rest. Everything else
+    (widths, blocks, patch size) must match. Returns what was copied."""
+    src = MMDiT.from_pretrained(folder)
+    a, b = model.config, src.config
+    shape = ("image_size", "patch_size", "channels", "width", "heads", "double_blocks", "single_blocks",
+             "mlp_ratio", "text_width", "text_layers", "text_heads", "cond_attention")
+    differ = [k for k in shape if getattr(a, k) != getattr(b, k)]
+    if differ:
+        raise ValueError(f"init_from {folder}: its generator differs from this run's in {', '.join(differ)} "
+                         f"({', '.join(f'{k}={getattr(b, k)} here {getattr(a, k)}' for k in differ)}); "
+                         "pick the --size it was trained with")
+    state, theirs = model.state_dict(), src.state_dict()
+    emb, pos = "text_encoder.embed.weight", "text_encoder.pos"
+    copied = 0
+    with torch.no_grad():
+        for k, v in theirs.items():
+            if k in (emb, pos):
+                continue
+            if k not in state or state[k].shape != v.shape:
+                raise ValueError(f"init_from {folder}: weight {k} does not fit this run's model")
+            state[k].copy_(v)
+            copied += 1
+        new_words = []
+        for i, w in enumerate(model.tokenizer.words):
+            j = src.tokenizer.index.get(w)
+            if j is None:
+                new_words.append(w)
+            else:
+                state[emb][i].copy_(theirs[emb][j])
+        n = min(a.max_text_len, b.max_text_len)
+        state[pos][:n].copy_(theirs[pos][:n])
+        state[pos][n:].copy_(theirs[pos][n - 1])
+    return {"from": str(folder), "tensors": copied + 2, "new_words": new_words,
+            "new_positions": max(0, a.max_text_len - b.max_text_len)}
+
+
 def train_world_generator(cfg: WorldTrainConfig) -> WorldTrainResult:
     """Train the world's text-to-image MMDiT; OUT/ema holds the shippable fp16 weights."""
     cfg.validate()
     out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     model = MMDiT(SIZES[cfg.model_size](**cfg.model_overrides))
+    if cfg.init_from and not (cfg.resume and (out / "checkpoint").exists()):
+        info = warm_start(model, cfg.init_from)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "init_from.json").write_text(json.dumps(info, indent=1) + "\n")
     val_metas = spread(load_prompt_file("geneval_shapes_val.jsonl"), cfg.val_prompts) if cfg.val_prompts else []
 
     def validate(step: int, ema: MMDiT) -> None:
