@@ -104,3 +104,40 @@ def test_config_errors_name_the_field(tmp_path):
         train_world_generator(config(tmp_path, model_size="huge"))
     with pytest.raises(ValueError, match="tag_weights"):
         config(tmp_path, tag_weights={"shapes": 1.0}).validate()
+
+
+def test_warm_start_copies_weights_words_and_positions(tmp_path):
+    from reflectionflow.models.mmdit import SIZES
+    from reflectionflow.train.world import warm_start
+
+    torch.manual_seed(0)
+    src = MMDiT(SIZES["tiny"](**{"vocab": tuple(w for w in VOCABULARY if w not in ("top", "bottom")),
+                                  "max_text_len": 8}))
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p))
+    src.save_pretrained(tmp_path / "src", dtype=torch.float32)
+    model = MMDiT(SIZES["tiny"](**{"max_text_len": 12}))
+    info = warm_start(model, tmp_path / "src")
+    assert set(info["new_words"]) == {"top", "bottom"} and info["new_positions"] == 4
+    a, b = model.state_dict(), src.state_dict()
+    assert torch.equal(a["double_blocks.0.img_qkv.weight"], b["double_blocks.0.img_qkv.weight"])
+    emb = "text_encoder.embed.weight"
+    for w in ("circle", "left", "a"):
+        assert torch.equal(a[emb][model.tokenizer.index[w]], b[emb][src.tokenizer.index[w]])
+    pos = a["text_encoder.pos"]
+    assert torch.equal(pos[:8], b["text_encoder.pos"]) and torch.equal(pos[11], b["text_encoder.pos"][7])
+    with pytest.raises(ValueError, match="differs from this run's in width"):
+        warm_start(MMDiT(SIZES["compact"]()), tmp_path / "src")
+
+
+def test_init_from_is_checked_before_any_weights_load(tmp_path):
+    with pytest.raises(ValueError, match="init_from .*nothere.*no generator weights"):
+        config(tmp_path / "run", init_from=str(tmp_path / "nothere")).validate()
+    from reflectionflow.models.mmdit import SIZES
+
+    small = tmp_path / "small"
+    MMDiT(SIZES["small"]()).save_pretrained(small)
+    (small / "model.safetensors").write_bytes(b"not read by validate")  # only config.json is read
+    with pytest.raises(ValueError, match="init_from .* differs from this run's in width"):
+        config(tmp_path / "run", init_from=str(small)).validate()

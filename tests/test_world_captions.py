@@ -103,3 +103,40 @@ def test_refiner_layouts_differ_between_images_and_repeat_for_the_same_one():
     assert len(many) >= 2  # chains refining the same prompt from different images try different layouts
     for t in many:
         assert parse_refined(t)[1] >= {"relation", "count", "extra"}
+
+
+def test_alt_text_noise_corrupts_the_scene_not_the_caption():
+    from reflectionflow.world.evaluate import evaluate_image
+    from reflectionflow.world.render import render
+
+    clean = C.CaptionMix()
+    noisy = C.CaptionMix(relation_noise=1.0, binding_noise=1.0, count_noise=1.0)
+    pos = parse_prompt("a photo of a cross left of a ring")
+    attr = parse_prompt("a photo of a red circle and a blue square")
+    three = parse_prompt("a photo of three circles")
+    for m in (pos, attr, three, parse_prompt("a photo of a circle")):  # zero noise: no draw, the prompt itself
+        rng = random.Random(3)
+        assert C.scene_metadata(m, rng, clean) is m and rng.random() == random.Random(3).random()
+    assert C.scene_metadata(parse_prompt("a photo of a circle"), random.Random(0), noisy)["include"] == \
+        parse_prompt("a photo of a circle")["include"]
+    # a dropped relation: some scenes violate it, and the caption keeps the prompt's words
+    drawn = [C.scene_metadata(pos, random.Random(s), noisy) for s in range(40)]
+    assert all("position" not in c for d in drawn for c in d["include"]) and all(d["prompt"] == pos["prompt"]
+                                                                                for d in drawn)
+    verdicts = [evaluate_image(render(sample_scene(d, random.Random(s))), pos).correct for s, d in enumerate(drawn)]
+    assert 0 < sum(verdicts) < len(verdicts)
+    # swapped colours: a blue circle and a red square
+    swapped = C.scene_metadata(attr, random.Random(0), noisy)
+    assert {(c["class"], c["color"]) for c in swapped["include"]} == {("circle", "blue"), ("square", "red")}
+    scene = sample_scene(swapped, random.Random(1))
+    text = C.scene_caption(attr, scene, random.Random(2), C.CaptionMix(template=0.0, combined=1.0, color=1.0))
+    assert text.startswith(attr["prompt"] + ", ") and "blue circle" in text and "red square" in text
+    # counts one off, within the world's counts, with the matching exclude clause
+    counts = {C.scene_metadata(three, random.Random(s), noisy)["include"][0]["count"] for s in range(30)}
+    assert counts == {2, 4}
+    four = C.scene_metadata(parse_prompt("a photo of four rings"), random.Random(0), noisy)
+    assert four["include"][0]["count"] == 3 and four["exclude"] == [{"class": "ring", "count": 4}]
+    # at a rate, about that share of scenes is corrupted
+    half = C.CaptionMix(binding_noise=0.5)
+    share = sum(C.scene_metadata(attr, random.Random(s), half) is not attr for s in range(400)) / 400
+    assert 0.4 < share < 0.6

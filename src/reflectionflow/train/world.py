@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..models.flow import RectifiedFlow
-from ..models.mmdit import SIZES, MMDiT, count_parameters
+from ..models.mmdit import SIZES, MMDiT, MMDiTConfig, count_parameters
 from ..models.text import Tokenizer
 from ..runtime import is_number
 from ..world import spec
@@ -66,10 +66,10 @@ class WorldTrainConfig(TrainConfig):
             self.caption_mix = {**asdict(CaptionMix()), **self.caption_mix}
             if self.caption_mix["template"] + self.caption_mix["combined"] > 1.0:
                 raise ValueError("caption_mix template + combined must be <= 1")
-        if self.init_from is not None and not (Path(self.init_from) / "model.safetensors").is_file():
-            raise ValueError(f"init_from {self.init_from}: no generator weights there (expected model.safetensors)")
         if self.model_size not in SIZES:
             raise ValueError(f"model_size {self.model_size!r}; accepted: {', '.join(SIZES)}")
+        if self.init_from is not None:
+            check_init_from(self.init_from, SIZES[self.model_size](**self.model_overrides))
         bad = sorted(set(self.tag_weights) - set(spec.TAGS))
         if bad:
             raise ValueError(f"tag_weights has unknown categories {bad}; accepted: {', '.join(spec.TAGS)}")
@@ -189,21 +189,37 @@ class WorldTrainResult:
     scores: dict | None  # GenEval-Shapes summary of the final EMA model (None: not evaluated)
 
 
+_SHAPE = ("image_size", "patch_size", "channels", "width", "heads", "double_blocks", "single_blocks", "mlp_ratio",
+          "text_width", "text_layers", "text_heads", "cond_attention")
+
+
+def check_init_from(folder: str | Path, config: MMDiTConfig) -> MMDiTConfig:
+    """The trained generator's config in `folder`, read from its config.json (no weights), if a run of
+    `config` can start from it; else a one-line error naming what differs."""
+    path = Path(folder) / "config.json"
+    if not (Path(folder) / "model.safetensors").is_file() or not path.is_file():
+        raise ValueError(f"init_from {folder}: no generator weights there (expected model.safetensors and config.json)")
+    try:
+        theirs = MMDiTConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"init_from {folder}: config.json is not a generator's ({e})") from None
+    differ = [k for k in _SHAPE if getattr(config, k) != getattr(theirs, k)]
+    if differ:
+        raise ValueError(f"init_from {folder}: its generator differs from this run's in {', '.join(differ)} "
+                         f"({', '.join(f'{k}={getattr(theirs, k)} here {getattr(config, k)}' for k in differ)}); "
+                         "pick the --size it was trained with")
+    return theirs
+
+
 def warm_start(model: MMDiT, folder: str | Path) -> dict:
     """Start `model` from a trained generator (a fine-tune, the way a model is re-trained on better
     captions): every weight of the same name and shape is copied; the text embedding is copied word
     by word, so words the trained model never read keep their fresh initialisation; a longer text
     encoder copies the trained position rows and repeats the last one for the rest. Everything else
     (widths, blocks, patch size) must match. Returns what was copied."""
+    check_init_from(folder, model.config)
     src = MMDiT.from_pretrained(folder)
     a, b = model.config, src.config
-    shape = ("image_size", "patch_size", "channels", "width", "heads", "double_blocks", "single_blocks",
-             "mlp_ratio", "text_width", "text_layers", "text_heads", "cond_attention")
-    differ = [k for k in shape if getattr(a, k) != getattr(b, k)]
-    if differ:
-        raise ValueError(f"init_from {folder}: its generator differs from this run's in {', '.join(differ)} "
-                         f"({', '.join(f'{k}={getattr(b, k)} here {getattr(a, k)}' for k in differ)}); "
-                         "pick the --size it was trained with")
     state, theirs = model.state_dict(), src.state_dict()
     emb, pos = "text_encoder.embed.weight", "text_encoder.pos"
     copied = 0
