@@ -1,4 +1,4 @@
-"""The shipped world generators: v2 (weights/world-generator, the default) and v1
+"""The shipped world generators: v2.1 (weights/world-generator, the default) and v1
 (weights/world-generator-v1): load, fit their budgets, draw what they are told."""
 
 from pathlib import Path
@@ -20,10 +20,10 @@ pytestmark = pytest.mark.skipif(not (V2 / "model.safetensors").is_file() or not 
 
 
 def test_shipped_generators_load_and_fit_their_budgets():
-    assert (V2 / "model.safetensors").stat().st_size < 11e6
+    assert (V2 / "model.safetensors").stat().st_size < 20e6
     assert (V1 / "model.safetensors").stat().st_size < 20e6
     v2 = MMDiT.from_pretrained(V2)
-    assert v2.config == SIZES["compact"]() and v2.config.max_text_len == 80
+    assert v2.config == SIZES["small"]() and v2.config.max_text_len == 80
     v1 = MMDiT.from_pretrained(V1)
     assert v1.config.width == SIZES["small"]().width and v1.config.max_text_len == 32
 
@@ -43,9 +43,12 @@ def test_shipped_generators_draw_easy_prompts():
 
 
 def test_the_default_generator_follows_explicit_prompts():
-    """The rule refiner's explicit descriptions are text the v2 generator was trained on: on plain
-    object prompts they are drawn at least as well as the templates (4 seeds; exact evaluator)."""
-    prompts = ["a photo of a ring", "a photo of three squares", "a photo of a green cross", "a photo of a circle"]
+    """The rule refiner's explicit descriptions are text the v2.1 generator was trained on and follows
+    exactly, while its template prompts leave relations and colour bindings to chance (the alt-text
+    noise of its training captions): explicit prompts fix position and attribute binding (4 seeds;
+    exact evaluator, always against the original prompt)."""
+    prompts = ["a photo of a ring", "a photo of three squares", "a photo of a cross left of a ring",
+               "a photo of a red circle and a blue square"]
     metas = [parse_prompt(p) for p in prompts]
     explicit = [r.text for r in RuleRefiner().refine([RefineRequest(p, p) for p in prompts])]
     n = 4
@@ -54,4 +57,5 @@ def test_the_default_generator_follows_explicit_prompts():
                    list(range(n)) * len(prompts))
     exp = _correct(model, [e for e in explicit for _ in range(n)], [m for m in metas for _ in range(n)],
                    list(range(n)) * len(prompts))
-    assert sum(exp) >= sum(tpl) and sum(exp) >= 12, (tpl, exp)
+    hard_tpl, hard_exp = sum(tpl[2 * n:]), sum(exp[2 * n:])  # the position and binding prompts
+    assert sum(exp) >= 14 and hard_exp >= 7 and hard_exp > hard_tpl, (tpl, exp)

@@ -100,7 +100,7 @@ class MMDiTConfig:
 
 
 # Model sizes (DiT style): the CLI offers the keys. tiny 75K parameters (tests); compact 5.01M, 10 MB in
-# fp16; small 9.51M, 19.0 MB in fp16 (the generator v1); base 41.5M, 83 MB.
+# fp16; small 9.51M, 19.0 MB in fp16 (the generators v1 and v2.1); base 41.5M, 83 MB.
 SIZES = {
     "tiny": lambda **kw: MMDiTConfig(**{"width": 32, "heads": 2, "double_blocks": 1, "single_blocks": 1,
                                         "text_width": 16, "text_layers": 1, "text_heads": 1, "max_text_len": 24, **kw}),

@@ -1,6 +1,6 @@
 """The world's trained models behind the engine's interfaces: the MMDiT generator and its corrector.
 
-`MMDiTGenerator` samples a trained generator (weights/world-generator, the generator v2, by default;
+`MMDiTGenerator` samples a trained generator (weights/world-generator, the generator v2.1, by default;
 `world-mmdit-v1` names weights/world-generator-v1, the stronger generator v1): one batch per
 `batch_size` requests, each request's initial noise drawn from its seed (or taken from
 `request.noise`, which zero-order search perturbs), 20 Euler steps with CFG 3 by default.
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from ...models.mmdit import MMDiT, MMDiTConfig
     from ...models.text import Tokenizer
 
-DEFAULT_GENERATOR = WEIGHTS_DIR / "world-generator"  # v2: template prompts + explicit captions (compact)
+DEFAULT_GENERATOR = WEIGHTS_DIR / "world-generator"  # v2.1: alt-text templates + exact explicit captions
 GENERATOR_V1 = WEIGHTS_DIR / "world-generator-v1"  # v1: template prompts only (small); the correctors' base
 SHIPPED_GENERATORS = (DEFAULT_GENERATOR, GENERATOR_V1)
 DEFAULT_CORRECTOR = WEIGHTS_DIR / "world-corrector"
@@ -345,7 +345,7 @@ def _chunks(items: Sequence, n: int):
 
 
 class MMDiTGenerator(Generator):
-    """A trained world generator (weights/world-generator, the generator v2, by default)."""
+    """A trained world generator (weights/world-generator, the generator v2.1, by default)."""
 
     who = "generator world-mmdit"
 
@@ -424,8 +424,8 @@ def _shipped(cls, weights: Path):
     return factory
 
 
-register("generator", "world-mmdit", "the world generator v2: template prompts + explicit captions, a FLUX-like "
-         "profile (weights/world-generator)")(MMDiTGenerator)
+register("generator", "world-mmdit", "the world generator v2.1: alt-text template prompts + exact explicit captions, "
+         "a FLUX-like profile (weights/world-generator)")(MMDiTGenerator)
 
 
 register("generator", "world-mmdit-v1", "the stronger world generator v1: template prompts only, 0.90 on "
