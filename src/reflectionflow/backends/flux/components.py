@@ -43,6 +43,20 @@ def _to_uint8(images) -> list[np.ndarray]:
     return [np.ascontiguousarray((np.clip(a, 0.0, 1.0) * 255).round().astype(np.uint8)) for a in arr]
 
 
+def _step_cache(s: SamplingSettings, images: int):
+    """A fresh first-block cache for one pipeline call (models/step_cache.py), or None when it is off."""
+    if not s.cache_threshold:
+        return None
+    from ...models.step_cache import StepCache
+
+    return StepCache(s.cache_threshold, images)
+
+
+def _cached(cache, images: int) -> list[int]:
+    """Per image: transformer passes the call's step cache served (none without one)."""
+    return cache.cached_passes() if cache is not None else [0] * images
+
+
 def _chunks(seq: Sequence, n: int):
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
@@ -56,6 +70,7 @@ class SamplingSettings:
     guidance: float = 3.5
     max_sequence_length: int = 512
     batch_size: int = 4  # images per transformer call (batching across chains and prompts)
+    cache_threshold: float = 0.0  # > 0: step caching (models/step_cache.py); 0: every block at every step
 
 
 class FluxModels:
@@ -196,12 +211,20 @@ class FluxGenerator(_Noise, Generator):
         out: list[GenerationResult] = []
         for chunk in _chunks(list(requests), s.batch_size):
             noises = [r.noise if r.noise is not None else self._noise(pipe, r.seed) for r in chunk]
-            images = pipe(prompt=[r.prompt for r in chunk], height=s.height, width=s.width,
+            kwargs = dict(prompt=[r.prompt for r in chunk], height=s.height, width=s.width,
                           num_inference_steps=s.steps, guidance_scale=s.guidance,
                           latents=self._latents(pipe, noises), max_sequence_length=s.max_sequence_length,
-                          output_type="np").images
+                          output_type="np")
+            cache = _step_cache(s, len(chunk))
+            if cache is None:
+                images = pipe(**kwargs).images
+            else:
+                # With a step cache the corrector's pipeline runs the plain model (no condition image: exactly
+                # FluxPipeline's computation, tests/test_flux_pipeline.py), through corrector_forward.
+                images = self.models.corrector_pipe(None)(image=None, step_cache=cache, **kwargs).images
             # Guidance-distilled FLUX: one transformer pass per step and image (no CFG batch doubling).
-            out += [GenerationResult(image=im, nfe=s.steps, noise=n) for im, n in zip(_to_uint8(images), noises)]
+            out += [GenerationResult(image=im, nfe=s.steps - c, noise=n, cached=c)
+                    for im, n, c in zip(_to_uint8(images), noises, _cached(cache, len(chunk)))]
         return out
 
 
@@ -246,13 +269,15 @@ class ReflectionCorrector(_Noise, Corrector):
             texts = [corrector_text(r.prompt, r.reflection) for r in chunk]
             clip = [r.prompt for r in chunk] if self.clip_text == "prompt" else texts
             noises = [self._noise(pipe, r.seed) for r in chunk]
+            cache = _step_cache(s, len(chunk))
             images = pipe(image=[r.image for r in chunk], prompt=clip, prompt_2=texts, height=s.height,
                           width=s.width, num_inference_steps=s.steps, guidance_scale=s.guidance,
                           latents=self._latents(pipe, noises), condition_size=self.condition_size,
                           max_sequence_length=s.max_sequence_length, output_type="np", strength=self.strength,
-                          cond_attention=self.cond_attention).images
+                          cond_attention=self.cond_attention, step_cache=cache).images
             nfe = pipe._num_timesteps  # fewer than s.steps when strength < 1
-            out += [GenerationResult(image=im, nfe=nfe, noise=n) for im, n in zip(_to_uint8(images), noises)]
+            out += [GenerationResult(image=im, nfe=nfe - c, noise=n, cached=c)
+                    for im, n, c in zip(_to_uint8(images), noises, _cached(cache, len(chunk)))]
         return out
 
 
