@@ -88,13 +88,32 @@ class FluxModels:
                kontext: FluxFolder | None = None) -> FluxModels:
         """One instance per (folders, device, dtype) while anything uses it: components built one kind
         at a time (the registry's way) still share one FLUX in memory."""
-        key = (str(flux.path), str(kontext.path) if kontext else None, resolve_device(device), dtype)
+        key = cls._key(flux, device, dtype, kontext)
         models = cls._shared.get(key)
         if models is None:
             models = cls(flux, device, dtype, kontext)
             cls._shared[key] = models
         elif kontext is not None and models.kontext_folder is None:
             models.kontext_folder = kontext
+        return models
+
+    @staticmethod
+    def _key(flux: FluxFolder, device: str, dtype: str, kontext: FluxFolder | None = None) -> tuple:
+        return (str(flux.path), str(kontext.path) if kontext else None, resolve_device(device), dtype)
+
+    @classmethod
+    def adopt(cls, pipe, flux_path: str, device: str = "auto", dtype: str = "auto") -> FluxModels:
+        """Serve `pipe`, a FluxPipeline already in memory, to every component built for the FLUX folder
+        `flux_path` with these --device / --dtype settings, for as long as the returned object is kept:
+        a command naming that folder then loads no weights (random full-size weights for timing, built
+        on the GPU, with a folder of their configs for the checks; benchmarks/flux_end_to_end.py). The
+        speed levers the run asks for (--compile-blocks, --fp8) are applied to it at first use."""
+        from .loading import check_flux_folder
+
+        folder = check_flux_folder(flux_path)
+        models = cls.from_pipeline(pipe)
+        models.flux_folder = folder
+        cls._shared[cls._key(folder, device, dtype)] = models
         return models
 
     def __init__(self, flux: FluxFolder, device: str = "auto", dtype: str = "auto",
@@ -109,6 +128,7 @@ class FluxModels:
         self.lora: LoRAFile | None = None
         self.compile_blocks = False  # regional torch.compile, applied when the pipeline loads
         self.fp8 = False  # fp8 matmuls (models/fp8.py), applied when the pipeline loads
+        self._sped_up = False
 
     @classmethod
     def from_pipeline(cls, pipe, kontext_pipe=None) -> FluxModels:
@@ -118,13 +138,15 @@ class FluxModels:
         models.device = str(pipe._execution_device)
         models.dtype = pipe.transformer.dtype
         models._pipe, models._corrector, models._kontext, models.lora = pipe, None, kontext_pipe, None
-        models.compile_blocks = models.fp8 = False
+        models.compile_blocks = models.fp8 = models._sped_up = False
         return models
 
     @property
     def pipe(self):
         if self._pipe is None:
             self._pipe = load_pipeline(self.flux_folder, self.device, self.dtype)
+        if not self._sped_up:  # once, at first use (the flags are set after the models are made)
+            self._sped_up = True
             self.speed_up(self._pipe.transformer)
         return self._pipe
 
