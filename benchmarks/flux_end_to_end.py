@@ -1,8 +1,9 @@
 """`reflectionflow generate --backend flux` end to end at FLUX scale (random weights), seconds per prompt
 from the run's own ledger, beside flux_budget.py's prediction for the same settings.
 
-    # one H200, one 10-minute command: steps scaled from 30 to 8 so that 4 prompts fit (the prediction
-    # below the measurement is for the same 8 steps)
+    # one H200, one 10-minute command: steps scaled from 30 to 8 to fit 4 prompts in it (the prediction
+    # printed beside the measurement is for the same 8 steps; not run on a GPU yet: if it does not fit,
+    # fewer --prompts, keeping the corrections of every prompt in a batch of --flux-batch-size)
     python benchmarks/flux_end_to_end.py --steps 8 --prompts 4 --json flux_e2e.json
     # the same with step caching (generator and corrector)
     python benchmarks/flux_end_to_end.py --steps 8 --prompts 4 --cache-threshold 0.1 --json flux_e2e_cache.json

@@ -230,6 +230,9 @@ def test_step_cache_passes_are_counted_apart_from_the_nfe(assets, serve, rf, tmp
     code, stdout, err = rf(*_argv(assets, srv.url, tmp_path / "off", "--steps", "3"))
     assert code == 0 and "NFE 12, VLM" in stdout and "step cache" not in stdout
     assert "cached passes" not in (tmp_path / "off" / "report.html").read_text()
+    # Off is recorded as nothing: folders made before the option resume as they did.
+    off_opts = json.loads((tmp_path / "off" / "config.json").read_text())["config"]["backend_options"]
+    assert "cache_threshold" not in off_opts and "corrector_cache_threshold" not in off_opts
     assert all("cached" not in r["cost"]["generate" if r["kind"] != "correct" else "correct"]
                for r in _trace(tmp_path / "off"))
 

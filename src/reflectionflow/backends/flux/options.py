@@ -483,10 +483,16 @@ def build_components(options: FluxBackendOptions, kinds: Sequence[str] = KINDS, 
 SECRET_API_KEY = "vlm_api_key"  # the one secret: the VLM endpoint's key
 
 
+# Recorded only when they are on: off is the behaviour before they existed, so run folders made then
+# still resume (their config.json has no such key).
+_RECORDED_WHEN_ON = ("cache_threshold", "corrector_cache_threshold")
+
+
 def settings_of(options: FluxBackendOptions) -> dict:
     """What RunConfig.backend_options records: `public()` without the component names (RunConfig
-    holds those)."""
-    return {k: v for k, v in options.public().items() if k not in KINDS}
+    holds those), and without the step cache's thresholds when they are off."""
+    return {k: v for k, v in options.public().items()
+            if k not in KINDS and not (k in _RECORDED_WHEN_ON and not v)}
 
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str],
