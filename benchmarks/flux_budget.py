@@ -91,13 +91,13 @@ def build(size: str, device: str, dtype, lora_rank: int, seed: int = 0):
 class Inputs:
     """Random transformer inputs of the budget's shapes at one batch size."""
 
-    def __init__(self, tf, batch: int, height: int, cond_size: int, text_len: int, device: str):
+    def __init__(self, tf, batch: int, height: int, cond_size: int, text_len: int, device: str, pixels: int = 16):
         import torch
 
         from reflectionflow.backends.flux.transformer import condition_ids
 
         c, dt = tf.config.in_channels, tf.dtype
-        side, cside = height // 16, cond_size // 16  # 8x VAE, 2x2 packing
+        side, cside = height // pixels, cond_size // pixels  # pixels per token side: 8x VAE, 2x2 packing
         g = torch.Generator(device="cpu").manual_seed(batch)
 
         def rnd(*shape):
@@ -150,13 +150,15 @@ def forward_fns(tf, inp: Inputs) -> dict:
     return {"plain": plain, "cond": cond, "encode_kv": encode_kv, "kv": kv}
 
 
-def vae_times(vae, height: int, cond_size: int, batch: int, device: str, warmup: int, repeats: int) -> dict:
-    """Seconds per image: decode at the output size, encode the condition and the full-size start image."""
+def vae_times(vae, height: int, cond_size: int, batch: int, device: str, warmup: int, repeats: int,
+              factor: int = 8) -> dict:
+    """Seconds per image: decode at the output size, encode the condition and the full-size start image
+    (`factor`: the VAE's downscaling, 8 for FLUX's)."""
     import torch
 
     dt = vae.dtype
     lat_c = vae.config.latent_channels
-    z = torch.randn(batch, lat_c, height // 8, height // 8, device=device, dtype=dt)
+    z = torch.randn(batch, lat_c, height // factor, height // factor, device=device, dtype=dt)
     px_c = torch.rand(batch, 3, cond_size, cond_size, device=device, dtype=dt) * 2 - 1
     px = torch.rand(batch, 3, height, height, device=device, dtype=dt) * 2 - 1
     with torch.no_grad():
@@ -202,19 +204,22 @@ def overlap_probe(fn, device: str, calls: int, latency: float, concurrency: int)
     return {"gpu_s": gpu, "vlm_s": vlm, "together_s": both, "hidden_share": hidden}
 
 
-def vlm_calls(double_scoring: bool) -> int:
-    images = NOISE_IMAGES + CORRECTOR_IMAGES
-    return images * (2 if double_scoring else 1) + 2 * CORRECTOR_IMAGES  # verdicts + reflections + refinements
+def vlm_calls(double_scoring: bool, noise: int = NOISE_IMAGES, corrector: int = CORRECTOR_IMAGES) -> int:
+    images = noise + corrector
+    return images * (2 if double_scoring else 1) + 2 * corrector  # verdicts + reflections + refinements
 
 
 def budget(f_gen: float, f_corr: float, e_kv: float, vae: dict, steps: int, strength: float, double: bool,
-           overlap: bool, latency: float, concurrency: int) -> dict:
+           overlap: bool, latency: float, concurrency: int, noise: int = NOISE_IMAGES,
+           corrector: int = CORRECTOR_IMAGES) -> dict:
+    """One prompt's seconds by the formula of the module's docstring (`noise` + `corrector` images:
+    the paper's 32 + 32 unless given; benchmarks/flux_end_to_end.py passes its run's)."""
     s_c = max(1, round(steps * strength))
-    transformer = NOISE_IMAGES * steps * f_gen + CORRECTOR_IMAGES * (s_c * f_corr + e_kv)
-    v = (NOISE_IMAGES + CORRECTOR_IMAGES) * vae["decode"] + CORRECTOR_IMAGES * vae["encode_cond"]
+    transformer = noise * steps * f_gen + corrector * (s_c * f_corr + e_kv)
+    v = (noise + corrector) * vae["decode"] + corrector * vae["encode_cond"]
     if strength < 1:
-        v += CORRECTOR_IMAGES * vae["encode_start"]
-    calls = vlm_calls(double)
+        v += corrector * vae["encode_start"]
+    calls = vlm_calls(double, noise, corrector)
     gpu = transformer + v
     vlm = max(0.0, calls * latency / concurrency - gpu) if overlap else calls * latency
     return {"transformer_s": transformer, "vae_s": v, "vlm_s": vlm, "total_s": gpu + vlm, "vlm_calls": calls,

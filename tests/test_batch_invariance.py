@@ -1,9 +1,10 @@
 """A sample's result does not depend on what it is batched with (models/batching.py): the MMDiT's
 velocity, its text features and cached condition keys/values, the world generator's and
-correctors' images, the learned verifier's scores and the learned reflector's texts, for batches
-of 1, 2, 3 and 7 in shuffled orders, exactly. The same checks run again in a subprocess whose
-kernels are forced onto other paths (MKL's AVX2 code, the one it takes on AMD processors, and
-PyTorch's AVX2 kernels), where batched GEMMs used to round a sample differently with its batch."""
+correctors' images (with step caching too), the learned verifier's scores and the learned
+reflector's texts, for batches of 1, 2, 3 and 7 in shuffled orders, exactly. The same checks but
+the step cache's run again in a subprocess whose kernels are forced onto other paths (MKL's AVX2
+code, the one it takes on AMD processors, and PyTorch's AVX2 kernels), where batched GEMMs used to
+round a sample differently with its batch."""
 
 import os
 import random
@@ -125,6 +126,34 @@ def check_components(root: Path, n: int = 7, strengths=(1.0, 0.5)) -> None:
                    for b, order in _orders(n)], f"corrector {name} images (strength {strength})")
 
 
+def check_step_cache(root: Path, n: int = 7, threshold: float = 1.5) -> None:
+    """Step caching (models/step_cache.py) decides per image: with a threshold that serves some steps of
+    some images from the cache (this perturbed tiny model changes a lot per step), images and their
+    cached-pass counts do not depend on the batch either."""
+    from reflectionflow.backends.world.mmdit import MMDiTCorrector, MMDiTGenerator
+    from reflectionflow.components import CorrectionRequest, GenerationRequest
+    from reflectionflow.world.render import render, sample_scene
+    from reflectionflow.world.spec import parse_prompt
+
+    prompts = ["a photo of a circle", "a photo of two rings", "a photo of a red square and a blue cross"]
+    gens = [GenerationRequest(prompts[i % 3], seed=10 + i) for i in range(n)]
+    opts = dict(steps=4, device="cpu", cache_threshold=threshold)
+    imgs = {b: MMDiTGenerator(weights=str(root / "gen"), batch_size=b, **opts) for b in BATCHES}
+    runs = [_batched(lambda idx, g=imgs[b]: [(r.image, r.cached) for r in g.generate([gens[i] for i in idx])], n, b,
+                     order) for b, order in _orders(n)]
+    _same([[im for im, _ in run] for run in runs], "generator images (step cache)")
+    cached = [[c for _, c in run] for run in runs]
+    assert all(c == cached[0] for c in cached), cached
+    assert 0 < min(cached[0]) < 6 or min(cached[0]) < max(cached[0]), cached[0]  # some steps cached, not all alike
+    scenes = [render(sample_scene(parse_prompt(prompts[i % 3]), random.Random(i))) for i in range(n)]
+    fixes = [CorrectionRequest(scenes[i], prompts[i % 3], "- Add one red circle.", seed=i) for i in range(n)]
+    for name in ("corr", "corr-kv"):
+        cs = {b: MMDiTCorrector(weights=str(root / name), generator=str(root / "gen"), batch_size=b, **opts)
+              for b in BATCHES}
+        _same([_batched(lambda idx, c=cs[b]: [r.image for r in c.correct([fixes[i] for i in idx])], n, b, order)
+               for b, order in _orders(n)], f"corrector {name} images (step cache)")
+
+
 def check_judges(n: int = 7) -> None:
     from reflectionflow.models.reflector import SIZES as REFLECTOR_SIZES
     from reflectionflow.models.reflector import WorldReflector
@@ -149,6 +178,10 @@ def test_mmdit_velocity_and_text_features_do_not_depend_on_the_batch():
 
 def test_world_images_do_not_depend_on_the_batch(tmp_path):
     check_components(_world_folders(tmp_path), strengths=(1.0,))  # the subprocess adds 0.5
+
+
+def test_step_cached_images_do_not_depend_on_the_batch(tmp_path):
+    check_step_cache(_world_folders(tmp_path))
 
 
 def test_learned_judges_do_not_depend_on_the_batch():
@@ -180,6 +213,6 @@ def test_batch_invariance_holds_on_other_cpu_kernels(tmp_path):
 
 if __name__ == "__main__":  # the subprocess of test_batch_invariance_holds_on_other_cpu_kernels
     check_mmdit()
-    check_components(_world_folders(Path(sys.argv[1])))
+    check_components(_world_folders(Path(sys.argv[1])))  # (the step cache's check runs in-process only)
     check_judges()
     print("batch invariant:", torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_ENABLE_INSTRUCTIONS"))

@@ -112,11 +112,11 @@ def test_world_partial_start_at_strength_one_is_the_full_sampler():
     rng = np.random.default_rng(0)
     noise = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     cond = torch.from_numpy(rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32))
-    full, nfe = c.sampler.sample(noise, ["a photo of a ring"], cond)
-    tail, nfe_tail = c.sampler.sample(noise, ["a photo of a ring"], cond, strength=1.0)
-    assert np.array_equal(full, tail) and nfe == nfe_tail == 4
-    _, nfe_half = c.sampler.sample(noise, ["a photo of a ring"], cond, strength=0.5)
-    assert nfe_half == 2
+    full, passes = c.sampler.sample(noise, ["a photo of a ring"], cond)
+    tail, passes_tail = c.sampler.sample(noise, ["a photo of a ring"], cond, strength=1.0)
+    assert np.array_equal(full, tail) and passes == passes_tail == [(4, 0)]  # (full passes, cached) per image
+    _, passes_half = c.sampler.sample(noise, ["a photo of a ring"], cond, strength=0.5)
+    assert passes_half == [(2, 0)]
     with pytest.raises(ComponentError, match="strength"):
         MMDiTCorrector(device="cpu", strength=0.0)
 
@@ -163,6 +163,35 @@ def test_world_levers_tiny(tmp_path):
     assert names == ["exact", "cached_kv", "corrector_strength_0.5", "combined_0.5"]
     assert set(out["effects"]) == {"cached_kv", "corrector_strength_0.5", "combined_0.5", "fp8"}
     assert out["configs"][2]["nfe_per_image"] == 2  # half of 2 steps, with CFG
+
+
+def test_flux_end_to_end_tiny(tmp_path, capsys):
+    """The real command on tiny random FLUX with judges over HTTP in their own process, step cache on."""
+    pytest.importorskip("diffusers")
+    bench = load_benchmark_module("flux_end_to_end")
+    out = tmp_path / "e2e.json"
+    assert bench.main(["--tiny", "--steps", "3", "--cache-threshold", "1e9", "--json", str(out)]) == 0
+    fig = json.loads(out.read_text())
+    m = fig["measured"]
+    assert fig["command"].startswith("reflectionflow generate --backend flux --prompts geneval-shapes --limit 2")
+    # 2 prompts x (4 noise + 2 chains x 2 corrections), 3 steps: 1 computed + 2 served from the cache each
+    assert (m["images"], m["nfe"], m["cached"], m["failed"]) == (16, 16, 32, 0)
+    assert m["vlm_calls"] == 2 * (8 + 4 + 4)  # a verdict per image, a reflection and a refinement per correction
+    assert set(m["stages"]) == {"generate", "correct", "verify", "reflect", "refine"} and m["wall_s_per_prompt"] > 0
+    assert set(fig["predicted"]["per_prompt"]) == {"sequential", "overlapped"}
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("| flux_budget.py, VLM overlapped")
+
+
+def test_world_step_cache_tiny(tmp_path, capsys):
+    bench = load_benchmark_module("world_step_cache")
+    assert bench.main(["--tiny", "--json", str(tmp_path / "c.json")]) == 0
+    fig = json.loads((tmp_path / "c.json").read_text())
+    off, on = fig["rows"]
+    assert (off["threshold"], off["cached_share"], off["same_first_image"]) == (0.0, 0.0, 1.0)
+    # 3 steps: the first computes, the other two are served from the cache (text and unconditional rows)
+    assert on["cached_share"] == pytest.approx(2 / 3) and on["nfe_per_image"] == 2
+    assert {"effect_k1", "effect_kB"} <= set(on) and on["effect_k1"]["ci"] is None  # 2 prompts: no interval
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("| 1e+09 |")
 
 
 @pytest.mark.slow

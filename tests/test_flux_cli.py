@@ -208,6 +208,35 @@ def test_generate_end_to_end_then_report(assets, serve, rf, tmp_path, monkeypatc
     _no_secret_anywhere(out, stdout, err, stdout2, err2)
 
 
+def test_step_cache_passes_are_counted_apart_from_the_nfe(assets, serve, rf, tmp_path, monkeypatch):
+    """--cache-threshold: a threshold no change can pass serves every step after the first from the
+    cache, for the generator and (inheriting it) the corrector; the ledger, the trace, the command's
+    summary and the report count those passes apart from the full ones."""
+    srv = serve()
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    out = tmp_path / "run"
+    code, stdout, err = rf(*_argv(assets, srv.url, out, "--steps", "3", "--cache-threshold", "1e9"))
+    assert code == 0, err
+    assert "NFE 4 (+8 passes from the step cache)" in stdout  # 4 images x (1 computed + 2 cached steps)
+    opts = json.loads((out / "config.json").read_text())["config"]["backend_options"]
+    assert opts["cache_threshold"] == opts["corrector_cache_threshold"] == 1e9
+    for r in _trace(out):
+        stage = "correct" if r["kind"] == "correct" else "generate"
+        assert r["nfe"] == 1 and r["cost"][stage]["cached"] == 2
+    tot = json.loads((out / "ledger.json").read_text())["totals"]
+    assert (tot["nfe"], tot["cached"], tot["by_stage"]["correct"]["cached"]) == (4, 8, 4)
+    assert "cached passes</th>" in (out / "report.html").read_text()
+    # Off (the default): no cached passes anywhere, and the report has no such column.
+    code, stdout, err = rf(*_argv(assets, srv.url, tmp_path / "off", "--steps", "3"))
+    assert code == 0 and "NFE 12, VLM" in stdout and "step cache" not in stdout
+    assert "cached passes" not in (tmp_path / "off" / "report.html").read_text()
+    # Off is recorded as nothing: folders made before the option resume as they did.
+    off_opts = json.loads((tmp_path / "off" / "config.json").read_text())["config"]["backend_options"]
+    assert "cache_threshold" not in off_opts and "corrector_cache_threshold" not in off_opts
+    assert all("cached" not in r["cost"]["generate" if r["kind"] != "correct" else "correct"]
+               for r in _trace(tmp_path / "off"))
+
+
 def test_resume_reads_the_key_from_the_environment_again(assets, serve, rf, tmp_path, monkeypatch):
     srv = serve()
     prompts = tmp_path / "prompts.jsonl"
@@ -328,6 +357,10 @@ def test_bad_input_is_one_line_exit_2_before_any_weights_load(assets, serve, rf,
         (_argv(assets, srv.url, out, "--reflector", "local"), ["--reflector local needs --reflector-path"]),
         (["generate", "a photo of a ring", "--flux-path", assets.flux, "--steps", "2", "--out", out],
          ["--flux-path, --steps: flags of --backend flux", "add --backend flux"]),
+        (_argv(assets, srv.url, out, "--cache-threshold", "-0.1"), ["--cache-threshold must be a number >= 0"]),
+        (_argv(assets, srv.url, out, "--corrector-cache-threshold", "nan"),
+         ["--corrector-cache-threshold must be a number >= 0", "nan"]),
+        (_argv(assets, srv.url, out, "--cache-threshold", "fast"), ["--cache-threshold", "fast"]),
     ]
     monkeypatch.delenv("RF_TEST_UNSET_VARIABLE", raising=False)
     monkeypatch.setenv("RF_TEST_WRONG_KEY", "sk-wrong-0000")

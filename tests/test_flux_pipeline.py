@@ -197,6 +197,42 @@ def test_corrector_honours_steps_guidance_and_seeds(models, tmp_path):
         assert not np.array_equal(other, base)
 
 
+def test_step_cache_thresholds_zero_tiny_and_large(models, folders, tmp_path):
+    """Off (0) is diffusers' FluxPipeline; a threshold no change passes gives its very bits through the
+    corrector's loop; a large one runs only the first block at every step after the first (counted),
+    for the generator and the reflection corrector; bad thresholds are one-line errors."""
+    tf = models.pipe.transformer
+    calls = []
+    hooks = [b.norm1.register_forward_pre_hook(lambda *a: calls.append(1)) for b in tf.transformer_blocks]
+    hooks += [b.norm.register_forward_pre_hook(lambda *a: calls.append(1)) for b in tf.single_transformer_blocks]
+    blocks = len(hooks)  # 1 double + 1 single in the tiny FLUX
+    reqs = [GenerationRequest("a red circle", 1), GenerationRequest("two squares", 2)]
+    img = np.full((H, W, 3), 90, np.uint8)
+    fixes = [CorrectionRequest(img, "a red circle", "- Add one red circle.", seed=4)]
+    settings = replace(SETTINGS, steps=4)
+    try:
+        base = FluxGenerator(models, settings).generate(reqs)
+        for threshold, cached, runs in ((1e-12, 0, 4 * blocks), (1e9, 3, 4 + blocks - 1)):
+            calls.clear()
+            out = FluxGenerator(models, replace(settings, cache_threshold=threshold)).generate(reqs)
+            assert [(r.nfe, r.cached) for r in out] == [(4 - cached, cached)] * 2
+            assert len(calls) == runs  # one call per block over the batch: 4 steps x 2 blocks, or 4 + 1
+            assert all(np.array_equal(a.image, b.image) == (cached == 0) for a, b in zip(out, base))
+        plain = ReflectionCorrector(models, settings, None, condition_size=8).correct(fixes)[0]
+        same = ReflectionCorrector(models, replace(settings, cache_threshold=1e-12), None, 8).correct(fixes)[0]
+        fast = ReflectionCorrector(models, replace(settings, cache_threshold=1e9), None, 8).correct(fixes)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert np.array_equal(same.image, plain.image) and (same.nfe, same.cached) == (4, 0)
+    assert (fast.nfe, fast.cached) == (1, 3) and not np.array_equal(fast.image, plain.image)
+    assert "--cache-threshold must be a number >= 0" in _error(["--flux-path", str(folders[0]), "--cache-threshold",
+                                                                "-1"], kinds=("generator",))
+    assert "kontext corrector runs diffusers' pipeline" in _error(
+        ["--flux-path", str(folders[0]), "--corrector", "kontext", "--kontext-path", str(folders[1]),
+         "--corrector-cache-threshold", "0.1"], kinds=("generator", "corrector"))
+
+
 def test_kontext_corrector_runs(models):
     k = KontextCorrector(models, SETTINGS)
     img = np.full((24, 24, 3), 120, np.uint8)  # any size in: resized to the run's size

@@ -38,9 +38,12 @@ class GenerationRequest:
 @dataclass
 class GenerationResult:
     image: Image
-    nfe: int  # transformer forward passes (CFG counted as 2)
+    nfe: int  # full transformer forward passes (CFG counted as 2)
     noise: np.ndarray | None = None  # the initial noise actually used, when the backend has one
     error: str | None = None
+    # Passes served from a step cache (only the first block ran; not in nfe): nfe + cached is the
+    # sampler's steps x passes per step.
+    cached: int = 0
 
 
 @dataclass

@@ -95,7 +95,8 @@ class TraceEntry:
 class StageCost:
     items: int = 0
     images: int = 0
-    nfe: int = 0
+    nfe: int = 0  # full transformer passes
+    cached: int = 0  # passes a step cache served (only the first block ran)
     calls: int = 0  # judge calls (VLM requests)
     tokens: int = 0
     failed: int = 0
@@ -116,6 +117,7 @@ class Ledger:
     wall_s: float  # seconds inside components
     by_stage: dict[str, StageCost]
     components: dict[str, str]  # kind -> registry name
+    cached: int = 0  # transformer passes served from a step cache (not in nfe)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Ledger:
@@ -123,7 +125,7 @@ class Ledger:
         names = {f.name for f in fields(StageCost)}
         return cls(prompts=d["prompts"], budget_per_prompt=d["budget_per_prompt"], images=t["images"],
                    nfe=t["nfe"], vlm_calls=t["vlm_calls"], tokens=t["tokens"], failed=t["failed"],
-                   wall_s=t["wall_s"], components=dict(d.get("components") or {}),
+                   wall_s=t["wall_s"], components=dict(d.get("components") or {}), cached=t.get("cached", 0),
                    by_stage={s: StageCost(**{k: v for k, v in st.items() if k in names})
                              for s, st in t["by_stage"].items()})
 

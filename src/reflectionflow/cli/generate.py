@@ -215,8 +215,9 @@ def cmd_generate(args) -> int:
     scores = [d.get("score") for d in result.selected.values() if d.get("score") is not None]
     yes = [bool(d.get("yes")) for d in result.selected.values() if d.get("yes") is not None]
     failed = f" ({tot['failed']} requests failed; see the trace)" if tot.get("failed") else ""
+    cached = f" (+{tot['cached']} passes from the step cache)" if tot.get("cached") else ""
     print(f"{led['prompts_done']}/{led['prompts']} prompts, {tot['images']} images "
-          f"({led['budget_per_prompt']} per prompt), NFE {tot['nfe']}, VLM calls {tot['vlm_calls']}{failed}, "
+          f"({led['budget_per_prompt']} per prompt), NFE {tot['nfe']}{cached}, VLM calls {tot['vlm_calls']}{failed}, "
           f"{tot['wall_s']:.1f} s in components")
     if scores:
         msg = f"selection: mean verifier score {sum(scores) / len(scores):.3f}"

@@ -78,7 +78,10 @@ class Job:
     def to_candidate(self, order: int) -> Candidate:
         m, r, v = self.make, self.result, self.verdict
         stage = "correct" if self.corrects else "generate"
-        cost = {stage: {"items": 1, "images": 1, "nfe": int(r.nfe)}, "verify": _cost(v)}
+        made = {"items": 1, "images": 1, "nfe": int(r.nfe)}
+        if getattr(r, "cached", 0):  # only when a step cache served passes: other trace lines stay as they were
+            made["cached"] = int(r.cached)
+        cost = {stage: made, "verify": _cost(v)}
         errors = []
         if self.reflection is not None:
             cost["reflect"] = _cost(self.reflection)

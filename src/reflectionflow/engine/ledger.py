@@ -6,6 +6,9 @@ exact after a resume and `reflectionflow report DIR` can rebuild them from the f
 Wall seconds come from the prompt's done-marker: a component call's time is split evenly over
 the requests it served. Work lost to a kill is not in them (it was not kept either).
 
+`nfe` counts full transformer passes; `cached` the passes a step cache served (only the first
+block ran: models/step_cache.py), so nfe + cached is what the samplers' steps add up to.
+
 `failed` counts requests whose result carried an error: a VLM call that still failed after every
 retry (the verdict then ranks last, the reflection is empty, the refinement keeps the prompt), or
 a judge's answer that could not be read. The run goes on past them; the trace says what each was.
@@ -17,7 +20,7 @@ from collections.abc import Iterable
 
 from .candidates import STAGES
 
-COUNT_KEYS = ("items", "images", "nfe", "calls", "tokens", "failed")
+COUNT_KEYS = ("items", "images", "nfe", "cached", "calls", "tokens", "failed")
 
 
 def empty_stage() -> dict:
@@ -43,6 +46,7 @@ def _summarise(head: dict, stages: dict) -> dict:
     return head | {
         "images": sum(st["images"] for st in stages.values()),
         "nfe": sum(st["nfe"] for st in stages.values()),
+        "cached": sum(st.get("cached", 0) for st in stages.values()),
         "vlm_calls": sum(st["calls"] for st in stages.values()),
         "tokens": sum(st["tokens"] for st in stages.values()),
         "failed": sum(st["failed"] for st in stages.values()),
@@ -57,7 +61,7 @@ def total_ledger(per_prompt: list[dict]) -> dict:
         for stage, st in p["by_stage"].items():
             tot = stages.setdefault(stage, empty_stage())
             for k in COUNT_KEYS:
-                tot[k] += st.get(k, 0)
+                tot[k] += st.get(k, 0)  # ledgers written before a key existed have none
             tot["wall_s"] += st["wall_s"]
     return _summarise({}, stages)
 

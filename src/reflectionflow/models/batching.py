@@ -42,6 +42,19 @@ def take(obj, i: int, batch: int):
     return obj
 
 
+def select(obj, index: torch.Tensor, batch: int):
+    """Rows `index` (a 1-d index tensor) of a batch-first structure, as `take` reads one sample: tensors
+    whose first dimension is `batch`, in lists, tuples and dataclasses; anything else passes."""
+    if isinstance(obj, torch.Tensor):
+        return obj[index.to(obj.device)] if obj.ndim > 0 and obj.shape[0] == batch else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(select(o, index, batch) for o in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: select(getattr(obj, f.name), index, batch)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
 def join(parts: list):
     """The inverse of `take` over the samples' outputs: tensors concatenated along dim 0."""
     first = parts[0]

@@ -89,7 +89,10 @@ class FlowLoss:
 @dataclass
 class SampleResult:
     images: torch.Tensor  # (B, C, H, W) in model space ([-1, 1] for the world)
-    nfe: int  # model forward passes per image (CFG counts 2 per step)
+    nfe: int  # model forward passes per image (CFG counts 2 per step), the cached ones included
+    # Per image: of those passes, the ones served from the step cache (only the first block ran);
+    # None when sampling without one.
+    cached: list[int] | None = None
 
 
 class RectifiedFlow:
@@ -130,7 +133,8 @@ class RectifiedFlow:
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, text: torch.Tensor, cond: torch.Tensor | None = None,
                steps: int = 20, cfg: float = 3.0, shift: float = 1.0, cache_cond: bool = True,
-               model: nn.Module | None = None, strength: float = 1.0) -> SampleResult:
+               model: nn.Module | None = None, strength: float = 1.0,
+               cache_threshold: float = 0.0) -> SampleResult:
         """Euler from t=1 (noise) to t=0; CFG v = v_null + cfg (v_text - v_null) on a doubled batch.
 
         With a condition image, the unconditional branch drops the text and keeps the image. When
@@ -138,10 +142,19 @@ class RectifiedFlow:
         are computed once here and reused at every step (`cache_cond`). `strength` < 1 starts from
         the condition image noised to the grid's time at step (1 - strength) x steps, on the path
         x_t = (1 - t) cond + t noise, and runs only the remaining steps.
+
+        `cache_threshold` > 0 caches steps (models/step_cache.py, FBCache's rule): at a step where an
+        image's first-block residual changed by at most that share since its last computed step, the
+        remaining blocks are skipped for that image and their last residual reused. The decision is
+        per image, its text and unconditional rows together. 0 (the default) runs every block.
         """
+        from .step_cache import StepCache, check_threshold
+
         if strength < 1.0 and cond is None:
             raise ValueError("strength < 1 starts from the condition image: a condition image is needed")
         model = self.model if model is None else model
+        if check_threshold(cache_threshold) > 0 and not all(hasattr(model, f) for f in ("head", "tail", "finish")):
+            raise ValueError("cache_threshold > 0 needs a model with head / tail / finish (the world MMDiT)")
         guided = cfg != 1.0
         B = noise.shape[0]
         texts = torch.cat([text, self.null_text.to(text.device)[None].expand(B, -1)]) if guided else text
@@ -152,14 +165,46 @@ class RectifiedFlow:
             if cache_cond and model.config.cond_attention == "causal_kv":
                 conds = model.encode_condition(conds, feats)
 
+        step_cache = StepCache(cache_threshold, B, 2 * B if guided else B) if cache_threshold > 0 else None
+
         def velocity(x, t):
+            if guided:
+                x, t = torch.cat([x, x]), torch.cat([t, t])
+            v = model(x, t, feats, conds) if step_cache is None else cached_velocity(model, step_cache, x, t, feats,
+                                                                                      conds)
             if not guided:
-                return model(x, t, feats, conds)
-            v_text, v_null = model(torch.cat([x, x]), torch.cat([t, t]), feats, conds).chunk(2)
+                return v
+            v_text, v_null = v.chunk(2)
             return v_null + cfg * (v_text - v_null)
 
         grid = time_grid(steps, shift, device=noise.device)
         begin = steps - max(1, round(steps * strength)) if strength < 1.0 else 0
         x = noise if begin == 0 else (1 - grid[begin]) * cond.float() + grid[begin] * noise
         x = euler(velocity, x, grid[begin:])
-        return SampleResult(images=x, nfe=(steps - begin) * (2 if guided else 1))
+        return SampleResult(images=x, nfe=(steps - begin) * (2 if guided else 1),
+                            cached=step_cache.cached_passes() if step_cache is not None else None)
+
+
+def cached_velocity(model: nn.Module, cache, x: torch.Tensor, t: torch.Tensor, text, cond) -> torch.Tensor:
+    """One step of `model` (an MMDiT: head, tail, finish) with a first-block cache (models/step_cache.py):
+    every row runs the first block; the rows the cache says must compute run the remaining blocks, the
+    others add the remaining blocks' cached residual; the output layer runs on every row."""
+    from .batching import select
+
+    img, txt, cond_x, first = model.head(x, t, text, cond)
+    run = cache.compute(first)  # (R,) bool
+    rows = run.nonzero().squeeze(1)
+    skip = (~run).nonzero().squeeze(1)
+    R = x.shape[0]
+    if rows.numel() == R:  # every row computes: no gather
+        last = model.tail(img, txt, cond_x, t, text, cond)
+        cache.store(rows, first, last - img)
+    else:
+        last = img.clone()
+        if rows.numel():
+            sub = model.tail(img[rows], txt[rows], select(cond_x, rows, R), t[rows], select(text, rows, R),
+                             select(cond, rows, R))
+            cache.store(rows, first[rows], sub - img[rows])
+            last[rows] = sub.to(last.dtype)
+        last[skip] = img[skip] + cache.served(skip).to(img.dtype)
+    return model.finish(last, t, text)

@@ -349,6 +349,21 @@ class CondCache:
         return CondCache([(torch.cat([k, k2]), torch.cat([v, v2])) for (k, v), (k2, v2) in zip(self.kv, other.kv)])
 
 
+@dataclass
+class _Run:
+    """What every block of one forward reads besides the token streams."""
+
+    vec: torch.Tensor  # (B, width) AdaLN input
+    rope: tuple[torch.Tensor, torch.Tensor]  # text + image rotary cos, sin
+    rope_c: tuple[torch.Tensor, torch.Tensor]  # condition rotary cos, sin
+    vec_c: torch.Tensor | None  # (B, width) the condition stream's timestep-0 modulation input
+    kv: list | None  # CondCache.kv: per block, the condition's cached keys/values (causal_kv)
+    causal: bool
+
+    def kv_of(self, block: int):
+        return self.kv[block] if self.kv is not None else None
+
+
 class MMDiT(nn.Module):
     """v(x, t, text, cond): velocity (eps - x0) for images x (B, C, H, W) in [-1, 1] at times t (B,)."""
 
@@ -440,30 +455,85 @@ class MMDiT(nn.Module):
     @per_sample  # on the CPU, sample by sample: an image must not depend on its batch (models/batching.py)
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor | TextFeatures,
                 cond: torch.Tensor | CondCache | None = None) -> torch.Tensor:
-        c = self.config
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        img, txt, cond_x, run = self._start(x, t, text, cond)
+        img, _, _ = self._blocks(img, txt, cond_x, run)
+        return self._finish(img, run.vec)
+
+    # -- the same function in three parts, for step caching (models/step_cache.py) --------------
+    # head: inputs + the first block; tail: the remaining blocks; finish: the output layer. Each runs
+    # sample by sample on the CPU like forward, and finish(tail(head(...))) is forward, bit for bit.
+
+    @per_sample
+    def head(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor | TextFeatures,
+             cond: torch.Tensor | CondCache | None = None):
+        """(img, txt, cond stream, first block's image residual) after the first block."""
+        img0, txt, cond_x, run = self._start(x, t, text, cond)
+        img, txt, cond_x = self._blocks(img0, txt, cond_x, run, stop=1)
+        return img, txt, cond_x, img - img0
+
+    @per_sample
+    def tail(self, img: torch.Tensor, txt: torch.Tensor, cond_x: torch.Tensor | None, t: torch.Tensor,
+             text: torch.Tensor | TextFeatures, cond: torch.Tensor | CondCache | None = None) -> torch.Tensor:
+        """The image stream after the last block, from `head`'s streams."""
+        run = self._context(t, self.encode_text(text), cond, img.shape[0])
+        img, _, _ = self._blocks(img, txt, cond_x, run, start=1)
+        return img
+
+    @per_sample
+    def finish(self, img: torch.Tensor, t: torch.Tensor, text: torch.Tensor | TextFeatures) -> torch.Tensor:
+        """The velocity from the image stream after the last block."""
         feats = self.encode_text(text)
-        img = self.x_embedder(patchify(x, c.patch_size))  # (B, N, width)
-        txt = self.context_embedder(feats.tokens)  # (B, L, width)
-        vec = self.conditioning_vector(t, feats.pooled)  # (B, width)
-        rope = self._rope_main(txt.shape[1])
-        rope_c = (self.cond_cos, self.cond_sin)
-        causal = c.cond_attention == "causal_kv"
+        return self._finish(img, self.conditioning_vector(self._times(t, img.shape[0]), feats.pooled))
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.double_blocks) + len(self.single_blocks)
+
+    @staticmethod
+    def _times(t: torch.Tensor, batch: int) -> torch.Tensor:
+        return t.expand(batch) if t.ndim == 0 else t
+
+    def _context(self, t: torch.Tensor, feats: TextFeatures, cond, batch: int) -> _Run:
+        """What every block reads besides the streams: modulation vectors, rotary angles, cached K/V."""
+        vec = self.conditioning_vector(self._times(t, batch), feats.pooled)  # (B, width)
+        causal = self.config.cond_attention == "causal_kv"
         cache = cond if isinstance(cond, CondCache) else None
         if cache is not None and not causal:
             raise ValueError("a CondCache needs cond_attention='causal_kv'")
-        cond_x, vec_c = (None, None) if cond is None or cache is not None else self._embed_cond(cond, feats)
-        kvs = iter(cache.kv) if cache is not None else None
+        vec_c = None
+        if cond is not None and cache is None:  # timestep-0 modulation of the condition stream
+            vec_c = self.conditioning_vector(torch.zeros(batch, device=vec.device), feats.pooled)
+        return _Run(vec=vec, rope=self._rope_main(feats.tokens.shape[1]), rope_c=(self.cond_cos, self.cond_sin),
+                    vec_c=vec_c, kv=cache.kv if cache is not None else None, causal=causal)
 
-        for block in self.double_blocks:
-            img, txt, cond_x = block(img, txt, vec, rope, cond_x, vec_c, rope_c,
-                                     next(kvs) if kvs else None, causal)
-        L = txt.shape[1]
-        h = torch.cat([txt, img], 1)  # (B, L+N, width)
-        for block in self.single_blocks:
-            h, cond_x = block(h, vec, rope, cond_x, vec_c, rope_c, next(kvs) if kvs else None, causal)
-        img = h[:, L:]  # text (and the condition stream) are dropped here
+    def _start(self, x: torch.Tensor, t: torch.Tensor, text, cond):
+        feats = self.encode_text(text)
+        img = self.x_embedder(patchify(x, self.config.patch_size))  # (B, N, width)
+        txt = self.context_embedder(feats.tokens)  # (B, L, width)
+        run = self._context(t, feats, cond, x.shape[0])
+        cond_x = None
+        if cond is not None and not isinstance(cond, CondCache):
+            cond_x = self.x_embedder(patchify(cond, self.config.patch_size), cond=True)  # (B, M, width)
+        return img, txt, cond_x, run
+
+    def _blocks(self, img, txt, cond_x, run: _Run, start: int = 0, stop: int | None = None):
+        """Blocks [start, stop) of double then single blocks over the streams; returns (img, txt, cond_x)."""
+        n_double = len(self.double_blocks)
+        stop = self.n_blocks if stop is None else stop
+        for i in range(start, min(stop, n_double)):
+            img, txt, cond_x = self.double_blocks[i](img, txt, run.vec, run.rope, cond_x, run.vec_c, run.rope_c,
+                                                     run.kv_of(i), run.causal)
+        if stop > n_double:
+            L = txt.shape[1]
+            h = torch.cat([txt, img], 1)  # (B, L+N, width)
+            for i in range(max(start, n_double), stop):
+                h, cond_x = self.single_blocks[i - n_double](h, run.vec, run.rope, cond_x, run.vec_c, run.rope_c,
+                                                             run.kv_of(i), run.causal)
+            txt, img = h[:, :L], h[:, L:]  # text (and the condition stream) are dropped after the last block
+        return img, txt, cond_x
+
+    def _finish(self, img: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        c = self.config
         shift, scale = self.final_mod(F.silu(vec)).chunk(2, dim=-1)
         out = self.final_linear(modulate(self.final_norm(img), shift, scale))  # (B, N, p*p*C)
         return unpatchify(out, c.patch_size, c.channels, c.grid)

@@ -147,18 +147,24 @@ def _ledger_table(ledger: dict) -> str:
     if not ledger:
         return "<h2>Ledger</h2><p class=muted>no ledger.json</p>"
     tot = ledger["totals"]
-    head = "<tr><th class=l>stage</th><th>requests</th><th>images</th><th>NFE</th><th>VLM calls</th>" \
-           "<th>tokens</th><th title=\"requests whose result carried an error (VLM calls failed after every " \
-           "retry included)\">failed</th><th>wall s</th></tr>"
+    # A step cache's passes (only the first block ran) get a column when a run has any.
+    cached = tot.get("cached", 0)
+    cached_head = ("<th title=\"transformer passes a step cache served: only the first block ran; not in NFE\">"
+                   "cached passes</th>") if cached else ""
+    head = "<tr><th class=l>stage</th><th>requests</th><th>images</th><th>NFE</th>" + cached_head + \
+           "<th>VLM calls</th><th>tokens</th><th title=\"requests whose result carried an error (VLM calls failed " \
+           "after every retry included)\">failed</th><th>wall s</th></tr>"
     rows = []
     for stage, st in tot["by_stage"].items():
         failed = st.get("failed", 0)
         rows.append(f"<tr><td class=l>{_e(stage)}</td><td>{st['items']}</td><td>{st['images']}</td>"
-                    f"<td>{st['nfe']}</td><td>{st['calls']}</td><td>{st['tokens']}</td>"
+                    f"<td>{st['nfe']}</td>" + (f"<td>{st.get('cached', 0)}</td>" if cached else "")
+                    + f"<td>{st['calls']}</td><td>{st['tokens']}</td>"
                     f"<td{' class=bad' if failed else ''}>{failed}</td><td>{st['wall_s']:.2f}</td></tr>")
     failed = tot.get("failed", 0)
     rows.append(f"<tr><th class=l>total</th><th></th><th>{tot['images']}</th><th>{tot['nfe']}</th>"
-                f"<th>{tot['vlm_calls']}</th><th>{tot['tokens']}</th><th>{failed}</th>"
+                + (f"<th>{cached}</th>" if cached else "")
+                + f"<th>{tot['vlm_calls']}</th><th>{tot['tokens']}</th><th>{failed}</th>"
                 f"<th>{tot['wall_s']:.2f}</th></tr>")
     saved = ledger.get("saved")
     tail = (f"<p>{tot['images']} images for a budget of {ledger['budget_total']} "

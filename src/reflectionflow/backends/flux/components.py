@@ -43,6 +43,20 @@ def _to_uint8(images) -> list[np.ndarray]:
     return [np.ascontiguousarray((np.clip(a, 0.0, 1.0) * 255).round().astype(np.uint8)) for a in arr]
 
 
+def _step_cache(s: SamplingSettings, images: int):
+    """A fresh first-block cache for one pipeline call (models/step_cache.py), or None when it is off."""
+    if not s.cache_threshold:
+        return None
+    from ...models.step_cache import StepCache
+
+    return StepCache(s.cache_threshold, images)
+
+
+def _cached(cache, images: int) -> list[int]:
+    """Per image: transformer passes the call's step cache served (none without one)."""
+    return cache.cached_passes() if cache is not None else [0] * images
+
+
 def _chunks(seq: Sequence, n: int):
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
@@ -56,6 +70,7 @@ class SamplingSettings:
     guidance: float = 3.5
     max_sequence_length: int = 512
     batch_size: int = 4  # images per transformer call (batching across chains and prompts)
+    cache_threshold: float = 0.0  # > 0: step caching (models/step_cache.py); 0: every block at every step
 
 
 class FluxModels:
@@ -73,13 +88,32 @@ class FluxModels:
                kontext: FluxFolder | None = None) -> FluxModels:
         """One instance per (folders, device, dtype) while anything uses it: components built one kind
         at a time (the registry's way) still share one FLUX in memory."""
-        key = (str(flux.path), str(kontext.path) if kontext else None, resolve_device(device), dtype)
+        key = cls._key(flux, device, dtype, kontext)
         models = cls._shared.get(key)
         if models is None:
             models = cls(flux, device, dtype, kontext)
             cls._shared[key] = models
         elif kontext is not None and models.kontext_folder is None:
             models.kontext_folder = kontext
+        return models
+
+    @staticmethod
+    def _key(flux: FluxFolder, device: str, dtype: str, kontext: FluxFolder | None = None) -> tuple:
+        return (str(flux.path), str(kontext.path) if kontext else None, resolve_device(device), dtype)
+
+    @classmethod
+    def adopt(cls, pipe, flux_path: str, device: str = "auto", dtype: str = "auto") -> FluxModels:
+        """Serve `pipe`, a FluxPipeline already in memory, to every component built for the FLUX folder
+        `flux_path` with these --device / --dtype settings, for as long as the returned object is kept:
+        a command naming that folder then loads no weights (random full-size weights for timing, built
+        on the GPU, with a folder of their configs for the checks; benchmarks/flux_end_to_end.py). The
+        speed levers the run asks for (--compile-blocks, --fp8) are applied to it at first use."""
+        from .loading import check_flux_folder
+
+        folder = check_flux_folder(flux_path)
+        models = cls.from_pipeline(pipe)
+        models.flux_folder = folder
+        cls._shared[cls._key(folder, device, dtype)] = models
         return models
 
     def __init__(self, flux: FluxFolder, device: str = "auto", dtype: str = "auto",
@@ -94,6 +128,7 @@ class FluxModels:
         self.lora: LoRAFile | None = None
         self.compile_blocks = False  # regional torch.compile, applied when the pipeline loads
         self.fp8 = False  # fp8 matmuls (models/fp8.py), applied when the pipeline loads
+        self._sped_up = False
 
     @classmethod
     def from_pipeline(cls, pipe, kontext_pipe=None) -> FluxModels:
@@ -103,13 +138,15 @@ class FluxModels:
         models.device = str(pipe._execution_device)
         models.dtype = pipe.transformer.dtype
         models._pipe, models._corrector, models._kontext, models.lora = pipe, None, kontext_pipe, None
-        models.compile_blocks = models.fp8 = False
+        models.compile_blocks = models.fp8 = models._sped_up = False
         return models
 
     @property
     def pipe(self):
         if self._pipe is None:
             self._pipe = load_pipeline(self.flux_folder, self.device, self.dtype)
+        if not self._sped_up:  # once, at first use (the flags are set after the models are made)
+            self._sped_up = True
             self.speed_up(self._pipe.transformer)
         return self._pipe
 
@@ -196,12 +233,20 @@ class FluxGenerator(_Noise, Generator):
         out: list[GenerationResult] = []
         for chunk in _chunks(list(requests), s.batch_size):
             noises = [r.noise if r.noise is not None else self._noise(pipe, r.seed) for r in chunk]
-            images = pipe(prompt=[r.prompt for r in chunk], height=s.height, width=s.width,
+            kwargs = dict(prompt=[r.prompt for r in chunk], height=s.height, width=s.width,
                           num_inference_steps=s.steps, guidance_scale=s.guidance,
                           latents=self._latents(pipe, noises), max_sequence_length=s.max_sequence_length,
-                          output_type="np").images
+                          output_type="np")
+            cache = _step_cache(s, len(chunk))
+            if cache is None:
+                images = pipe(**kwargs).images
+            else:
+                # With a step cache the corrector's pipeline runs the plain model (no condition image: exactly
+                # FluxPipeline's computation, tests/test_flux_pipeline.py), through corrector_forward.
+                images = self.models.corrector_pipe(None)(image=None, step_cache=cache, **kwargs).images
             # Guidance-distilled FLUX: one transformer pass per step and image (no CFG batch doubling).
-            out += [GenerationResult(image=im, nfe=s.steps, noise=n) for im, n in zip(_to_uint8(images), noises)]
+            out += [GenerationResult(image=im, nfe=s.steps - c, noise=n, cached=c)
+                    for im, n, c in zip(_to_uint8(images), noises, _cached(cache, len(chunk)))]
         return out
 
 
@@ -246,13 +291,15 @@ class ReflectionCorrector(_Noise, Corrector):
             texts = [corrector_text(r.prompt, r.reflection) for r in chunk]
             clip = [r.prompt for r in chunk] if self.clip_text == "prompt" else texts
             noises = [self._noise(pipe, r.seed) for r in chunk]
+            cache = _step_cache(s, len(chunk))
             images = pipe(image=[r.image for r in chunk], prompt=clip, prompt_2=texts, height=s.height,
                           width=s.width, num_inference_steps=s.steps, guidance_scale=s.guidance,
                           latents=self._latents(pipe, noises), condition_size=self.condition_size,
                           max_sequence_length=s.max_sequence_length, output_type="np", strength=self.strength,
-                          cond_attention=self.cond_attention).images
+                          cond_attention=self.cond_attention, step_cache=cache).images
             nfe = pipe._num_timesteps  # fewer than s.steps when strength < 1
-            out += [GenerationResult(image=im, nfe=nfe, noise=n) for im, n in zip(_to_uint8(images), noises)]
+            out += [GenerationResult(image=im, nfe=nfe - c, noise=n, cached=c)
+                    for im, n, c in zip(_to_uint8(images), noises, _cached(cache, len(chunk)))]
         return out
 
 

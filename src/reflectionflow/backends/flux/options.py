@@ -51,6 +51,10 @@ VARIANT_DEFAULTS = {
 }
 
 
+# What a step cache's threshold accepts (models/step_cache.py says the same; that module imports torch).
+THRESHOLD_HELP = "a number >= 0 (0: off; FBCache's relative L1 change of the first block's residual)"
+
+
 class FluxOptionsError(ComponentError):
     """A real-scale backend option that is missing or does not fit the others."""
 
@@ -84,6 +88,10 @@ class FluxBackendOptions:
     fp8: bool = False  # fp8 matmuls (models/fp8.py; Hopper or newer)
     corrector_strength: float = 1.0  # < 1: the corrector starts from the previous image partly noised
     corrector_cond_attention: str = "full"  # causal_kv: a corrector trained so; condition K/V computed once
+    # Step caching (models/step_cache.py): > 0 skips every block but the first at the steps where an image's
+    # first-block residual changed by at most this share since its last computed step. 0: off.
+    cache_threshold: float = 0.0
+    corrector_cache_threshold: float | None = None  # None: cache_threshold (the reflection corrector only)
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
     # Local verifiers
@@ -160,6 +168,12 @@ def add_arguments(parser: argparse.ArgumentParser, component_flags: bool = False
     f.add_argument("--corrector-cond-attention", choices=("full", "causal_kv"),
                    help="full (default; the released corrector) or causal_kv (a corrector trained with condition "
                    "tokens attending only to themselves: their keys/values are computed once per image)")
+    f.add_argument("--cache-threshold", type=float, metavar="X",
+                   help="step caching (first-block cache): a step skips every block but the first when the first "
+                   "block's residual changed by at most X (relative L1) since the image's last computed step; "
+                   "0 (default): off. Changes the images")
+    f.add_argument("--corrector-cache-threshold", type=float, metavar="X",
+                   help="the same for the reflection corrector (default: --cache-threshold)")
     add_device(f, default=None)
     add_dtype(f, default=None)
     v = parser.add_argument_group("VLM judges (OpenAI-compatible endpoint)")
@@ -298,6 +312,13 @@ def validate_options(options: FluxBackendOptions, kinds: Sequence[str] = KINDS,
     if options.corrector_cond_attention not in ("full", "causal_kv"):
         raise FluxOptionsError(f"--corrector-cond-attention {options.corrector_cond_attention!r}; "
                                "accepted: full, causal_kv")
+    for name in ("cache_threshold", "corrector_cache_threshold"):
+        value = getattr(options, name)
+        if (value is not None or name == "cache_threshold") and not is_number(value, 0.0):
+            raise FluxOptionsError(f"--{name.replace('_', '-')} must be {THRESHOLD_HELP}, got {value!r}")
+    if names.get("corrector") == "kontext" and options.corrector_cache_threshold:
+        raise FluxOptionsError("--corrector-cache-threshold: the kontext corrector runs diffusers' pipeline "
+                               "unchanged, without a step cache; drop it (or use --corrector reflection)")
     for name in ("compile_blocks", "fp8"):
         if not isinstance(getattr(options, name), bool):
             raise FluxOptionsError(f"--{name.replace('_', '-')} is a switch (true or false), "
@@ -383,8 +404,12 @@ def _resolved(options: FluxBackendOptions, plan: FluxPlan) -> FluxBackendOptions
     if corrector_guidance is None:
         kontext = options.name("corrector") == "kontext"
         corrector_guidance = VARIANT_DEFAULTS["kontext"]["guidance"] if kontext else guidance
+    corrector_cache = options.corrector_cache_threshold
+    if corrector_cache is None:
+        corrector_cache = options.cache_threshold if options.name("corrector") == "reflection" else 0.0
     return replace(options, steps=steps, guidance=guidance, corrector_steps=options.corrector_steps or steps,
-                   corrector_guidance=corrector_guidance,
+                   corrector_guidance=corrector_guidance, corrector_cache_threshold=float(corrector_cache),
+                   cache_threshold=float(options.cache_threshold),
                    max_sequence_length=options.max_sequence_length or base["max_sequence_length"])
 
 
@@ -409,8 +434,10 @@ def build_components(options: FluxBackendOptions, kinds: Sequence[str] = KINDS, 
         models = FluxModels.shared(plan.flux or plan.kontext, device=o.device, dtype=o.dtype, kontext=plan.kontext)
         models.compile_blocks, models.fp8 = o.compile_blocks, o.fp8
     gen = SamplingSettings(height=o.height, width=o.width, steps=o.steps, guidance=o.guidance,
-                           max_sequence_length=o.max_sequence_length, batch_size=o.batch_size)
-    cor = replace(gen, steps=o.corrector_steps, guidance=o.corrector_guidance)
+                           max_sequence_length=o.max_sequence_length, batch_size=o.batch_size,
+                           cache_threshold=o.cache_threshold)
+    cor = replace(gen, steps=o.corrector_steps, guidance=o.corrector_guidance,
+                  cache_threshold=o.corrector_cache_threshold or 0.0)
     if "generator" in names:
         built["generator"] = FluxGenerator(models, gen)
     if names.get("corrector") == "reflection":
@@ -456,10 +483,16 @@ def build_components(options: FluxBackendOptions, kinds: Sequence[str] = KINDS, 
 SECRET_API_KEY = "vlm_api_key"  # the one secret: the VLM endpoint's key
 
 
+# Recorded only when they are on: off is the behaviour before they existed, so run folders made then
+# still resume (their config.json has no such key).
+_RECORDED_WHEN_ON = ("cache_threshold", "corrector_cache_threshold")
+
+
 def settings_of(options: FluxBackendOptions) -> dict:
     """What RunConfig.backend_options records: `public()` without the component names (RunConfig
-    holds those)."""
-    return {k: v for k, v in options.public().items() if k not in KINDS}
+    holds those), and without the step cache's thresholds when they are off."""
+    return {k: v for k, v in options.public().items()
+            if k not in KINDS and not (k in _RECORDED_WHEN_ON and not v)}
 
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str],

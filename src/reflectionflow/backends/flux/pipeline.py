@@ -10,7 +10,9 @@ Unlike the original `generate(...)` it takes a batch of conditions (one per prom
 Two speed levers change what is computed (docs/speed.md): `strength < 1` starts from the previous
 image noised to the schedule's sigma at step (1 - strength) x steps and runs only the remaining
 steps (diffusers' img2img rule); `cond_attention="causal_kv"` (a corrector trained so) computes the
-condition tokens' keys/values once per image instead of at every step.
+condition tokens' keys/values once per image instead of at every step. A third, `step_cache`
+(models/step_cache.py), skips every block but the first at the steps where an image's first-block
+residual barely changed; the caller keeps the cache and reads its counts after the call.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import FluxPipelineOutput, calculate_shift, retrieve_timesteps
 from PIL import Image
 
+from ...models.step_cache import StepCache
 from .transformer import COND_ATTENTION, condition_ids, corrector_forward, encode_condition_kv
 
 
@@ -104,10 +107,14 @@ class FluxReflectionCorrectorPipeline(FluxPipeline):
         strength: float = 1.0,
         cond_attention: str = "full",
         cache_condition: bool = True,
+        step_cache: StepCache | None = None,
     ):
         # 1. Check inputs
         self.check_corrector_inputs(image, prompt, prompt_2, height, width, condition_size, latents, strength,
                                     cond_attention)
+        if step_cache is not None and (step_cache.rows != len(prompt) or step_cache.steps):
+            raise ValueError(f"`step_cache` must be fresh and hold one row per prompt ({len(prompt)}), got "
+                             f"{step_cache.rows} rows after {step_cache.steps} steps")
         self._guidance_scale = guidance_scale
         self._joint_attention_kwargs = {}
         self._interrupt = False
@@ -167,7 +174,7 @@ class FluxReflectionCorrectorPipeline(FluxPipeline):
                 noise_pred = corrector_forward(
                     self.transformer, latents, prompt_embeds, pooled_prompt_embeds, timestep / 1000,
                     latent_image_ids, text_ids, guidance=guidance, condition=cond, cond_ids=cond_ids,
-                    cond_attention=cond_attention, cond_kv=cond_kv,
+                    cond_attention=cond_attention, cond_kv=cond_kv, step_cache=step_cache,
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 progress_bar.update()

@@ -94,6 +94,8 @@ def random_flux_pipeline(size: str = "tiny", device: str = "cpu", dtype=None, se
             vae = AutoencoderKL(**VAE_CONFIGS[size])
     finally:
         torch.set_default_dtype(previous)
+    for module in (transformer, clip, t5, vae):  # inference mode, as from_pretrained leaves them (T5 has dropout)
+        module.eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     cls = FluxKontextPipeline if kontext else FluxPipeline

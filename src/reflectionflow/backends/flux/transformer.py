@@ -25,16 +25,24 @@ Speed levers (docs/speed.md):
   per block kind, reused by all 19 + 38 blocks), about a minute of compiling instead of the
   full model's seven with max-autotune.
 - `quantize_fp8(transformer)`: fp8 matmuls (models/fp8.py, Hopper or newer) on the blocks' linears.
+- `corrector_forward(step_cache=StepCache(...))`: step caching (models/step_cache.py, FBCache's rule).
+  The first double block runs for every image; an image whose first-block residual changed by at
+  most the threshold since its last computed step skips the other 18 + 38 blocks and reuses their
+  residual. The decision is per image (the rows that compute run as a smaller batch), so an image's
+  steps do not depend on its batch-mates. diffusers' own FirstBlockCache hook is not used: it hooks
+  the block modules' forward, which this function does not call, it decides for the whole batch,
+  and its state lives on the transformer that the generator and the corrector share.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ...models.step_cache import StepCache
 from .lora import lin
 
 COND_ATTENTION = ("full", "causal_kv")
@@ -321,6 +329,7 @@ def corrector_forward(
     condition_timestep: float = 0.0,
     cond_attention: str = "full",
     cond_kv: ConditionKV | None = None,  # causal_kv: from encode_condition_kv, instead of `condition`
+    step_cache: StepCache | None = None,  # this sampling run's first-block cache (one row per image)
 ) -> torch.Tensor:
     """The velocity for the image tokens, (B, N_img, C*4)."""
     tf = transformer
@@ -356,11 +365,63 @@ def corrector_forward(
     layers = [(fns["double"], b, cond_kv.double[i] if cond_kv else None) for i, b in enumerate(tf.transformer_blocks)]
     layers += [(fns["single"], b, cond_kv.single[i] if cond_kv else None)
                for i, b in enumerate(tf.single_transformer_blocks)]
-    for fn, block, kv in layers:
-        args = (block, txt, img, cond, temb, temb_c, rope)
-        if causal:
-            args += (rope_c, kv)
-        txt, img, cond = checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
+    streams = _Streams(txt, img, cond, temb, temb_c, rope, rope_c, causal, ckpt)
+    if step_cache is None:
+        img = streams.run(layers).img
+    else:
+        img = _cached_blocks(streams, layers, step_cache)
 
     img = tf.norm_out(img, temb)
     return tf.proj_out(img)
+
+
+@dataclass
+class _Streams:
+    """The token streams between blocks, with what every block reads beside them."""
+
+    txt: torch.Tensor
+    img: torch.Tensor
+    cond: torch.Tensor | None
+    temb: torch.Tensor
+    temb_c: torch.Tensor | None
+    rope: tuple
+    rope_c: tuple | None
+    causal: bool
+    ckpt: bool
+
+    def run(self, layers) -> _Streams:
+        txt, img, cond = self.txt, self.img, self.cond
+        for fn, block, kv in layers:
+            args = (block, txt, img, cond, self.temb, self.temb_c, self.rope)
+            if self.causal:
+                args += (self.rope_c, kv)
+            txt, img, cond = checkpoint(fn, *args, use_reentrant=False) if self.ckpt else fn(*args)
+        return replace(self, txt=txt, img=img, cond=cond)
+
+    def rows(self, index: torch.Tensor) -> _Streams:
+        def pick(x):
+            return None if x is None else x[index]
+
+        return replace(self, txt=self.txt[index], img=self.img[index], cond=pick(self.cond), temb=self.temb[index],
+                       temb_c=pick(self.temb_c))
+
+
+def _cached_blocks(streams: _Streams, layers, cache: StepCache) -> torch.Tensor:
+    """The image stream after the last block, with the remaining blocks skipped for the images the
+    step cache serves (models/step_cache.py)."""
+    first = streams.run(layers[:1])
+    residual = first.img - streams.img  # the first block's image residual
+    run = cache.compute(residual)
+    rows, skip = run.nonzero().squeeze(1), (~run).nonzero().squeeze(1)
+    if rows.numel() == run.numel():  # every image computes: the plain forward, no gather
+        last = first.run(layers[1:]).img
+        cache.store(rows, residual, last - first.img)
+        return last
+    last = first.img.clone()
+    if rows.numel():
+        sub = [(fn, block, None if kv is None else (kv[0][rows], kv[1][rows])) for fn, block, kv in layers[1:]]
+        out = first.rows(rows).run(sub).img
+        cache.store(rows, residual[rows], out - first.img[rows])
+        last[rows] = out
+    last[skip] = first.img[skip] + cache.served(skip).to(last.dtype)
+    return last

@@ -229,12 +229,20 @@ class SamplerOptions:
     batch_size: int = 256  # requests per model call
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     bf16: bool = True  # bf16 autocast on CUDA (CPU runs fp32)
+    # > 0: step caching (models/step_cache.py): an image's step skips every block but the first when
+    # the first block's residual changed by at most this share since its last computed step. 0: off.
+    cache_threshold: float = 0.0
 
     def check(self, who: str) -> None:
         for name in ("steps", "batch_size"):
             v = getattr(self, name)
             if not is_int(v, 1):
                 raise ComponentError(f"{who}: option {name} must be an integer >= 1, got {v!r}")
+        if not is_number(self.cache_threshold, 0.0):
+            from ...models.step_cache import THRESHOLD_HELP
+
+            raise ComponentError(f"{who}: option cache_threshold must be {THRESHOLD_HELP}, got "
+                                 f"{self.cache_threshold!r}")
         for name in ("guidance", "shift"):
             v = getattr(self, name)
             if not is_number(v, above=0):
@@ -319,9 +327,10 @@ class _Sampler:
         return torch.from_numpy(arr.copy())
 
     def sample(self, noise: torch.Tensor, texts: list[str], cond: torch.Tensor | None = None,
-               cache_cond: bool = True, strength: float = 1.0) -> tuple[np.ndarray, int]:
-        """(B, H, W, 3) uint8 images and NFE per image. `strength` < 1 starts from `cond` (the
-        previous image, model space) noised to the grid's time at step (1 - strength) x steps."""
+               cache_cond: bool = True, strength: float = 1.0) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """(B, H, W, 3) uint8 images and per image (full passes, passes served from the step cache).
+        `strength` < 1 starts from `cond` (the previous image, model space) noised to the grid's time
+        at step (1 - strength) x steps."""
         import torch
 
         from ...runtime import to_uint8
@@ -331,8 +340,9 @@ class _Sampler:
         with torch.no_grad(), self.autocast:
             res = self.flow.sample(noise.to(self.device), text, cond=cond, steps=self.opt.steps,
                                    cfg=float(self.opt.guidance), shift=float(self.opt.shift), cache_cond=cache_cond,
-                                   strength=strength)
-        return to_uint8(res.images).numpy(), res.nfe
+                                   strength=strength, cache_threshold=float(self.opt.cache_threshold))
+        cached = res.cached or [0] * noise.shape[0]
+        return to_uint8(res.images).numpy(), [(res.nfe - c, c) for c in cached]
 
 
 def _chunks(items: Sequence, n: int):
@@ -363,8 +373,9 @@ class MMDiTGenerator(Generator):
         out: list[GenerationResult] = []
         for chunk in _chunks(list(requests), self.opt.batch_size):
             noise = torch.stack([self.sampler.noise(r.seed, r.noise, self.who) for r in chunk])  # (B, C, H, W)
-            images, nfe = self.sampler.sample(noise, [r.prompt for r in chunk])
-            out += [GenerationResult(image=img, nfe=nfe, noise=z.numpy()) for img, z in zip(images, noise)]
+            images, passes = self.sampler.sample(noise, [r.prompt for r in chunk])
+            out += [GenerationResult(image=img, nfe=nfe, noise=z.numpy(), cached=cached)
+                    for img, z, (nfe, cached) in zip(images, noise, passes)]
         return out
 
 
@@ -411,9 +422,10 @@ class MMDiTCorrector(Corrector):
             cond = to_model_space(torch.stack([self._condition(r.image, start + i) for i, r in enumerate(chunk)]))
             noise = torch.stack([seed_noise(r.seed, self.model.config) for r in chunk])  # (B, C, H, W)
             texts = [corrector_text(r.prompt, r.reflection or "", tok) for r in chunk]
-            images, nfe = self.sampler.sample(noise, texts, cond, cache_cond=self.opt.cache_cond,
-                                              strength=float(self.opt.strength))
-            out += [GenerationResult(image=img, nfe=nfe, noise=z.numpy()) for img, z in zip(images, noise)]
+            images, passes = self.sampler.sample(noise, texts, cond, cache_cond=self.opt.cache_cond,
+                                                 strength=float(self.opt.strength))
+            out += [GenerationResult(image=img, nfe=nfe, noise=z.numpy(), cached=cached)
+                    for img, z, (nfe, cached) in zip(images, noise, passes)]
         return out
 
 
