@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+import reflectionflow  # noqa: F401  (first: it puts MKL in its reproducible mode before anything loads torch)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -1,10 +1,13 @@
 """A sample's result does not depend on what it is batched with (models/batching.py): the MMDiT's
-velocity, its text features and cached condition keys/values, the world generator's and
-correctors' images (with step caching too), the learned verifier's scores and the learned
+velocity, its text features and cached condition keys/values, the sampler's float output (CFG,
+Euler steps, the partial start, condition images in either memory layout), the world generator's
+and correctors' images (with step caching too), the learned verifier's scores and the learned
 reflector's texts, for batches of 1, 2, 3 and 7 in shuffled orders, exactly. The same checks but
-the step cache's run again in a subprocess whose kernels are forced onto other paths (MKL's AVX2
-code, the one it takes on AMD processors, and PyTorch's AVX2 kernels), where batched GEMMs used to
-round a sample differently with its batch."""
+the step cache's run again in subprocesses whose kernels are forced onto other paths: MKL's AVX2
+code (the one it takes on AMD processors) with PyTorch's AVX2 kernels on one thread, where batched
+GEMMs used to round a sample differently with its batch; and MKL's AVX code under PyTorch's widest
+kernels on 3 threads, more than a 2-core machine has, where every op over 32768 elements is cut
+into chunks whose ends fall mid-vector."""
 
 import os
 import random
@@ -19,7 +22,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
 BATCHES = (1, 2, 3, 7)
-OTHER_KERNELS = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
+# Environments of the subprocess (None: the variable is removed, so the library picks). MKL caps
+# OMP_NUM_THREADS at the physical cores unless MKL_DYNAMIC is FALSE.
+OTHER_KERNELS = {
+    "mkl-avx2-aten-avx2-1-thread": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                                    "OMP_NUM_THREADS": "1"},
+    "mkl-avx-aten-widest-3-threads": {"MKL_ENABLE_INSTRUCTIONS": "AVX", "ATEN_CPU_CAPABILITY": None,
+                                      "OMP_NUM_THREADS": "3", "MKL_DYNAMIC": "FALSE"},
+}
 
 
 def _perturbed(model, seed: int):
@@ -92,6 +102,32 @@ def _check_mmdit_mode(mode: str, x, cond, t, n: int) -> None:
     with torch.no_grad():
         for fn, what in ((velocity, f"MMDiT velocity ({mode})"), (features, "text features")):
             _same([_batched(fn, n, b, order) for b, order in _orders(n)], what)
+
+
+def check_sampler(n: int = 7) -> None:
+    """The sampler's float output (before rounding to pixels, so a last-bit difference shows): its
+    CFG combination, Euler updates and partial start run on the whole batch, outside `per_sample`;
+    they are single IEEE operations (+, -, *), so a sample's value cannot depend on its position.
+    Condition images come channels-last (the strides of permuted pixels) in every other batching."""
+    from reflectionflow.models.flow import RectifiedFlow
+
+    g = torch.Generator().manual_seed(6)
+    noise = torch.randn(n, 3, 64, 64, generator=g)
+    pixels = torch.randint(0, 256, (n, 64, 64, 3), generator=g, dtype=torch.uint8)
+    cond_nchw = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+    cond_nhwc = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # channels-last strides
+    for mode in ("full", "causal_kv"):
+        model = _mmdit(mode, lora=True)
+        flow = RectifiedFlow(model, model.tokenizer([""])[0], text_dropout=0.0)
+        ids = model.tokenizer([["a photo of a ring", "a photo of two red crosses", ""][i % 3] for i in range(n)])
+        for strength in (1.0, 0.5):
+            def run(idx, cond, flow=flow, ids=ids, strength=strength):
+                with torch.no_grad():
+                    res = flow.sample(noise[idx], ids[idx], cond[idx], steps=3, cfg=3.0, strength=strength)
+                return list(res.images.numpy())
+
+            _same([_batched(lambda idx, c=(cond_nhwc if k % 2 else cond_nchw): run(idx, c), n, b, order)
+                   for k, (b, order) in enumerate(_orders(n))], f"sampler floats ({mode}, strength {strength})")
 
 
 def _world_folders(root: Path) -> Path:
@@ -176,6 +212,10 @@ def test_mmdit_velocity_and_text_features_do_not_depend_on_the_batch():
     check_mmdit()
 
 
+def test_sampler_floats_do_not_depend_on_the_batch_or_the_layout():
+    check_sampler()
+
+
 def test_world_images_do_not_depend_on_the_batch(tmp_path):
     check_components(_world_folders(tmp_path), strengths=(1.0,))  # the subprocess adds 0.5
 
@@ -202,17 +242,45 @@ def test_batched_training_forward_is_unchanged():
     torch.testing.assert_close(train.detach(), infer, rtol=1e-4, atol=1e-5)
 
 
+def _environment(changes: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="forced kernels are set through the environment")
-def test_batch_invariance_holds_on_other_cpu_kernels(tmp_path):
-    env = {**os.environ, **OTHER_KERNELS, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=600)
+@pytest.mark.parametrize("kernels", sorted(OTHER_KERNELS))
+def test_batch_invariance_holds_on_other_cpu_kernels(tmp_path, kernels):
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], env=_environment(OTHER_KERNELS[kernels]),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "batch invariant" in proc.stdout
+    assert f"batch invariant: threads={OTHER_KERNELS[kernels]['OMP_NUM_THREADS']} " in proc.stdout, proc.stdout
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="MKL's report is read through the environment")
+def test_importing_the_package_puts_mkl_in_its_reproducible_mode():
+    """MKL_VERBOSE reports each MKL call with its reproducibility mode (CNR): after `import
+    reflectionflow`, even when torch was imported first (MKL reads MKL_CBWR at its first call), a
+    GEMM runs in strict CNR. A torch without MKL (no report) skips."""
+    code = "import torch, reflectionflow; torch.ones(64, 64) @ torch.ones(64, 64)"
+    env = _environment({"MKL_VERBOSE": "1", "MKL_CBWR": None})
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    calls = [ln for ln in out.splitlines() if "GEMM(" in ln]
+    if not calls:
+        pytest.skip("this torch reports no MKL calls (built without MKL)")
+    assert all("CNR:AUTO,STRICT" in ln for ln in calls), calls[0]
 
 
 if __name__ == "__main__":  # the subprocess of test_batch_invariance_holds_on_other_cpu_kernels
+    import reflectionflow  # noqa: F401  (first, as the package's users do: MKL's reproducible mode)
+
     check_mmdit()
+    check_sampler()
     check_components(_world_folders(Path(sys.argv[1])))  # (the step cache's check runs in-process only)
     check_judges()
-    print("batch invariant:", torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_ENABLE_INSTRUCTIONS"))
+    print(f"batch invariant: threads={torch.get_num_threads()} aten={torch.backends.cpu.get_cpu_capability()} "
+          f"mkl={os.environ.get('MKL_ENABLE_INSTRUCTIONS')} cnr={os.environ.get('MKL_CBWR')}")

@@ -43,8 +43,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def to_model_space(images: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
-    return images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], contiguous (plain NCHW strides, not the
+    channels-last ones the permuted pixels would keep): a model's inputs have one layout."""
+    import torch
+
+    return images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,13 @@ the same request gave an image that differed by one level in a few pixels depend
 was batched with. `per_sample` removes the cause instead of hiding it: where it applies, a call
 with B > 1 runs as B calls with B = 1, so each sample's every operation (GEMMs, attention,
 norms, vectorised loops and their tails) sees the same shapes, the same memory layout and the
-same position whatever the batch holds. On a given machine (processor, thread count, library
-build) an image then depends on its request only.
+same position whatever the batch holds. Every sample, a lone one (B = 1) included, enters as a
+fresh contiguous copy: the same strides and the same alignment (PyTorch's CPU allocator gives 64
+bytes) whether it came alone, from a batch, or as a view in another layout (channels-last
+images). On a given machine (processor, thread count, library build) an image then depends on
+its request only. MKL itself runs in its reproducible mode (the package sets `MKL_CBWR` and
+`MKL_DYNAMIC`, reflectionflow/__init__.py): without it MKL may round the same GEMM differently
+from call to call.
 
 It applies on the CPU without autograd (sampling, scoring). Elsewhere the batched call runs
 unchanged: training needs the batch's speed and its gradient is an average anyway, and a GPU runs
@@ -24,16 +29,25 @@ import functools
 import torch
 
 
+def sample_wise(x: torch.Tensor) -> bool:
+    """Whether a call on batch `x` runs sample by sample: a non-empty CPU batch, no autograd."""
+    return x.device.type == "cpu" and x.ndim > 0 and x.shape[0] > 0 and not torch.is_grad_enabled()
+
+
 def splits(x: torch.Tensor) -> bool:
-    """Whether a call on batch `x` runs sample by sample: a CPU batch of more than one, no autograd."""
-    return x.device.type == "cpu" and x.ndim > 0 and x.shape[0] > 1 and not torch.is_grad_enabled()
+    """Whether a call on batch `x` is cut into samples: a CPU batch of more than one, no autograd."""
+    return sample_wise(x) and x.shape[0] > 1
 
 
 def take(obj, i: int, batch: int):
     """Sample i of a batch-first structure (tensors, their lists/tuples and dataclasses), as fresh
-    contiguous memory; what is not batch-first (None, numbers, 0-d or other-sized tensors) passes."""
+    contiguous memory (whatever the batch's strides: a channels-last or expanded batch gives the
+    same sample as a contiguous one); what is not batch-first (None, numbers, 0-d or other-sized
+    tensors) passes."""
     if isinstance(obj, torch.Tensor):
-        return obj[i : i + 1].clone() if obj.ndim > 0 and obj.shape[0] == batch else obj
+        if obj.ndim > 0 and obj.shape[0] == batch:
+            return obj[i : i + 1].clone(memory_format=torch.contiguous_format)
+        return obj
     if isinstance(obj, (list, tuple)):
         return type(obj)(take(o, i, batch) for o in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -71,16 +85,18 @@ def join(parts: list):
 
 
 def per_sample(method):
-    """Decorate a module method whose first argument is the batch (B, ...): where `splits` says so,
-    every batch-first argument is cut into samples, the method runs once per sample and the
-    outputs are joined, so that a sample's result does not depend on the rest of the batch."""
+    """Decorate a module method whose first argument is the batch (B, ...): where `sample_wise`
+    says so, every batch-first argument is cut into samples (fresh contiguous copies, for B = 1
+    too), the method runs once per sample and the outputs are joined, so that a sample's result
+    does not depend on the rest of the batch nor on the layout it came in."""
 
     @functools.wraps(method)
     def wrapper(self, x, *args, **kwargs):
-        if not splits(x):
+        if not sample_wise(x):
             return method(self, x, *args, **kwargs)
         B = x.shape[0]
-        return join([method(self, take(x, i, B), *take(args, i, B), **{k: take(v, i, B) for k, v in kwargs.items()})
-                     for i in range(B)])
+        parts = [method(self, take(x, i, B), *take(args, i, B), **{k: take(v, i, B) for k, v in kwargs.items()})
+                 for i in range(B)]
+        return parts[0] if B == 1 else join(parts)
 
     return wrapper

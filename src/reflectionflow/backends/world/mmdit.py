@@ -336,9 +336,12 @@ class _Sampler:
         from ...runtime import to_uint8
 
         text = self.model.tokenizer(texts).to(self.device)
-        cond = None if cond is None else cond.to(self.device)
+        # One layout whatever the caller passed (plain NCHW): the sampler's own elementwise steps
+        # (CFG, Euler, the partial start) then see the same strides in every batch.
+        noise = noise.to(self.device).contiguous()
+        cond = None if cond is None else cond.to(self.device).contiguous()
         with torch.no_grad(), self.autocast:
-            res = self.flow.sample(noise.to(self.device), text, cond=cond, steps=self.opt.steps,
+            res = self.flow.sample(noise, text, cond=cond, steps=self.opt.steps,
                                    cfg=float(self.opt.guidance), shift=float(self.opt.shift), cache_cond=cache_cond,
                                    strength=strength, cache_threshold=float(self.opt.cache_threshold))
         cached = res.cached or [0] * noise.shape[0]
