@@ -12,9 +12,9 @@ same position whatever the batch holds. Every sample, a lone one (B = 1) include
 fresh contiguous copy: the same strides and the same alignment (PyTorch's CPU allocator gives 64
 bytes) whether it came alone, from a batch, or as a view in another layout (channels-last
 images). On a given machine (processor, thread count, library build) an image then depends on
-its request only. MKL itself runs in its reproducible mode (the package sets `MKL_CBWR` and
-`MKL_DYNAMIC`, reflectionflow/__init__.py): without it MKL may round the same GEMM differently
-from call to call.
+its request only. MKL itself runs in its reproducible mode (the package sets `MKL_CBWR`,
+reflectionflow/__init__.py): without it MKL may round the same GEMM differently from call to
+call.
 
 It applies on the CPU without autograd (sampling, scoring). Elsewhere the batched call runs
 unchanged: training needs the batch's speed and its gradient is an average anyway, and a GPU runs
