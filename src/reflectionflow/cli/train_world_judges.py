@@ -60,8 +60,9 @@ def cmd_world_verifier(args) -> int:
     acc = "" if res.val_accuracy is None else f"; held-out accuracy {res.val_accuracy:.3f}"
     if res.held is not None:
         after = res.held["after"]
-        acc += (f"; held-out harvest: AUC {after['auc']:.3f}, calibration error {res.held['before']['ece']:.3f} -> "
-                f"{after['ece']:.3f} (temperature {res.held['temperature']})")
+        f3 = lambda x: "n/a" if x is None else f"{x:.3f}"  # None: the held-out searches hold one class only
+        acc += (f"; held-out harvest: AUC {f3(after['auc'])}, calibration error {f3(res.held['before']['ece'])} -> "
+                f"{f3(after['ece'])} (temperature {res.held['temperature']})")
     print(f"trained {res.step} steps in {res.minutes:.1f} min{acc}; weights in {Path(cfg.out_dir) / 'verifier'}")
     return 0
 

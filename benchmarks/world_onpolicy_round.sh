@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# One on-policy round of the world's learned components on one GPU in one command (about 9.5 minutes
+# on an H200): the default generator's search, harvested with the shipped judges and corrector, and
+# all three learned components trained again on it.
+# 1. at once: two harvests (`genref harvest`, two draws of training prompts) with the shipped
+#    components, and the corrector's pool of judged samples of the default generator (`train
+#    world-corrector --pool-only`);
+# 2. the corrector: a LoRA on the default generator (so it reads the generator's whole text: 80 words),
+#    trained on that pool with --compile as soon as the pool is ready, beside the harvests;
+# 3. once the harvests are done: the verifier (flips and the scene head) and the reflector on both;
+# 4. the shipped and the new verifier on the harvests' held-out searches (AUC, ECE per kind).
+#   bash benchmarks/world_onpolicy_round.sh OUTDIR [PROMPTS] [SECONDS] [ROUND]
+# OUTDIR receives verifier.tar, reflector.tar, corrector.tar (fp16 weights, config, logs) and
+# results.tar.gz (logs, harvest summaries, the verifier comparison); the tables are printed last.
+# A CPU smoke test: HARVEST_FLAGS="--generator world-render --corrector world-edit --verifier world-oracle
+# --reflector world-oracle" POOL_FLAGS="--pool-size 64 --val-prompts 6 --label-workers 1" VSTEPS=2 RSTEPS=2
+# CSTEPS=2 EXTRA="--batch-size 8 --device cpu" CEXTRA="--no-compile --workers 0 --val-max 8" with PROMPTS 6.
+set -euo pipefail
+OUT=${1:?usage: world_onpolicy_round.sh OUTDIR [PROMPTS] [SECONDS] [ROUND]}
+PROMPTS=${2:-1000}
+TOTAL=${3:-560}
+ROUND=${4:-4}
+R=${R:-/tmp/onpolicy-round}
+T0=$(date +%s)
+mkdir -p "$OUT" "$R"
+rf() { python -m reflectionflow "$@"; }
+EXTRA=${EXTRA:-}
+for h in a b; do
+  s=$([ $h = a ] && echo 2 || echo 3)
+  rf genref harvest --out "$R/h$h" --round "$ROUND" --prompts "$PROMPTS" --prompt-seed "$s" --seed "100$s" --budget 8 \
+    --processes 3 --label-workers 5 ${HARVEST_FLAGS:-} --quiet > "$R/h$h.log" 2>&1 &
+  HPIDS="${HPIDS:-} $!"
+done
+# the corrector: pool, then training until SECONDS - 45
+(
+  C="train world-corrector --generator weights/world-generator --pool $R/pool ${POOL_FLAGS:---pool-size 32768 --label-workers 4} --quiet"
+  rf $C --out "$R/corr" --pool-only > "$R/pool.log" 2>&1
+  echo "corrector pool: $(( $(date +%s) - T0 )) s" >> "$R/times.log"
+  MIN=$(python -c "print(round(max($TOTAL - ($(date +%s) - $T0) - 45, 60) / 60, 2))")
+  rf $C --out "$R/corr" --steps "${CSTEPS:-6000}" --minutes "$MIN" --compile --workers 4 --batch-size 256 $EXTRA \
+    --mix-steps 700 --sample-every 2000 --ckpt-every 2000 --log-every 100 --val-max 256 ${CEXTRA:-} > "$R/corr.log" 2>&1 \
+    || echo "corrector training failed: see corr.log" >> "$R/times.log"
+  echo "corrector: $(( $(date +%s) - T0 )) s" >> "$R/times.log"
+) &
+CPID=$!
+wait $HPIDS
+echo "harvests: $(( $(date +%s) - T0 )) s" | tee -a "$R/times.log"
+tail -n 1 "$R/ha.log" "$R/hb.log" || true
+H="$R/ha,$R/hb"
+MIN=$(python -c "print(round(max($TOTAL - ($(date +%s) - $T0) - 75, 60) / 60, 2))")
+echo "judges: training for $MIN minutes each"
+rf train world-verifier --out "$R/v" --harvest "$H" --generator-share 0.85 --steps "${VSTEPS:-5000}" --minutes "$MIN" \
+  $EXTRA --workers 3 --log-every 250 --ckpt-every 1000 --no-compile --flip --scene-weight 0.5 --quiet > "$R/v.log" 2>&1 &
+rf train world-reflector --out "$R/refl" --harvest "$H" --generator-share 0.75 --steps "${RSTEPS:-4500}" --minutes "$MIN" \
+  $EXTRA --workers 3 --log-every 250 --ckpt-every 1000 --no-compile --quiet > "$R/refl.log" 2>&1 &
+wait
+echo "training: $(( $(date +%s) - T0 )) s" | tee -a "$R/times.log"
+python - "$R" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_file, save_file
+from reflectionflow.backends.world.learned import DEFAULT_VERIFIER
+from reflectionflow.models.verifier import WorldVerifier
+from reflectionflow.train.verifier import harvest_pool, held_out_scores
+r = Path(sys.argv[1])
+# fp16 copies of what ships, with the run's logs beside them
+for d, sub in (("v", "verifier"), ("refl", "reflector"), ("corr", "corrector")):
+    src, dst = r / d / sub, r / "export" / sub
+    if not src.is_dir():
+        print(sub, "missing"); continue
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name == "model.safetensors":
+            state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in load_file(str(f)).items()}
+            save_file(state, str(dst / f.name))
+        elif f.is_file():
+            shutil.copy(f, dst / f.name)
+    for name in ("log.jsonl", "scores.json", "train_config.json", "val.jsonl"):
+        if (r / d / name).is_file():
+            shutil.copy(r / d / name, dst / f"run-{name}")
+_, held = harvest_pool([str(r / "ha"), str(r / "hb")], 0.1)
+res = {}
+f3 = lambda x: "-" if x is None else f"{x:.3f}"
+print("| verifier | AUC | ECE | per kind |\n|---|---|---|---|")
+for name, f in (("shipped", Path(DEFAULT_VERIFIER)), ("new", r / "v/verifier")):
+    if not (f / "model.safetensors").is_file():
+        continue
+    m = WorldVerifier.from_pretrained(f, device="cuda" if torch.cuda.is_available() else "cpu")
+    res[name] = held_out_scores(m, held, m.config.temperature)
+    print(f"| {name} | {f3(res[name]['auc'])} | {f3(res[name]['ece'])} | "
+          + " | ".join(f"{k} {f3(v['auc'])}" for k, v in res[name]["kinds"].items()) + " |")
+(r / "compare-verifiers.json").write_text(json.dumps(res, indent=1))
+PY
+wait "$CPID" || true
+for d in verifier reflector corrector; do [ -d "$R/export/$d" ] && tar cf "$OUT/$d.tar" -C "$R/export" "$d"; done
+for h in ha hb; do cp "$R/$h/summary.json" "$R/$h-summary.json" 2>/dev/null || true; done
+tar czf "$OUT/results.tar.gz" -C "$R" ha.log hb.log pool.log corr.log v.log refl.log times.log \
+  compare-verifiers.json ha-summary.json hb-summary.json 2>/dev/null || true
+cat "$R/times.log"
+echo "total: $(( $(date +%s) - T0 )) s"
+tail -n 3 "$R/v/log.jsonl" "$R/refl/log.jsonl" 2>/dev/null || true
+cat "$R/corr/val.jsonl" 2>/dev/null || true
