@@ -6,7 +6,8 @@
 # Reflection runs with `--on-keep correct` (def8, refl); with ON_KEEP=resample, reflection at 32 runs with
 # `--on-keep resample` (the default) and budget 8 runs both ways (def8: correct, def8r: resample).
 # SKIP_CORRECT=1 leaves out the budget-8 run with `--on-keep correct`.
-# ORACLE=1 adds noise and noise & prompt at 32 on GenEval-Shapes with the oracle judges (oracle-np).
+# ORACLE=1 adds noise & prompt at 32 on GenEval-Shapes with the oracle judges (oracle-np; noise with the
+# oracle verifier is the noise run re-scored, same seeds). SETS="fresh" (or "geneval-shapes") runs one set.
 #   bash benchmarks/world_onpolicy_eval.sh OUTDIR [FRESH_SEED]
 # OUTDIR receives the sweep tables (*.md, *.json) and eval.json; the tables are printed last.
 set -euo pipefail
@@ -19,10 +20,10 @@ python -m reflectionflow world prompts --out "$R/fresh.jsonl" --seed "$SEED" --p
 echo '{"on_keep": "correct"}' > "$R/correct.json"
 sw() { timeout "${SWEEP_LIMIT:-430}" python -m reflectionflow sweep --batch-size 1024 --prompt-batch 600 --quiet "$@"; }
 if [ -n "${ORACLE:-}" ]; then  # the oracle judges on GenEval-Shapes: noise vs noise & prompt, curves 1-32
-  sw --prompts geneval-shapes --methods noise,prompt --budget 32 --verifiers world-oracle --reflector world-oracle \
+  sw --prompts geneval-shapes --methods prompt --budget 32 --verifiers world-oracle --reflector world-oracle \
     --out "$R/oracle-np" > "$R/oracle-np.log" 2>&1 &
 fi
-for set in geneval-shapes fresh; do
+for set in ${SETS:-geneval-shapes fresh}; do
   P=$set; [ "$set" = fresh ] && P="$R/fresh.jsonl"
   sw --prompts "$P" --methods noise --budget 32 --verifiers world-learned,world-oracle --out "$R/$set-noise" \
     > "$R/$set-noise.log" 2>&1 &
