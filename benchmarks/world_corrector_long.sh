@@ -7,6 +7,7 @@
 # with the oracle's reflection, passed samples broken by "keep").
 #   bash benchmarks/world_corrector_long.sh OUTDIR [STEPS] [SECONDS]
 # A CPU smoke test: POOL_SIZE=64 POOL_FLAGS="--val-prompts 6 --device cpu" LABEL_WORKERS=1 EXTRA="--device cpu --no-compile --batch-size 8 --workers 0 --val-max 8" EVAL_FLAGS="--limit 6 --device cpu" with STEPS 2.
+# GENERATOR=weights/world-generator trains the LoRA on the default generator (v2.1) instead of the v1.
 # OUTDIR receives corr.tar (the adapters, config, logs) and eval.json; the table is printed last. The
 # comparison stops after EVAL_LIMIT seconds (90), so a slow machine still brings the adapters back.
 set -euo pipefail
@@ -16,7 +17,7 @@ TOTAL=${3:-560}
 R=${R:-/tmp/corr-long}
 T0=$(date +%s)
 mkdir -p "$OUT" "$R"
-T="python -m reflectionflow train world-corrector --generator weights/world-generator-v1 --pool $R/pool --pool-size ${POOL_SIZE:-32768} ${POOL_FLAGS:-} --quiet"
+T="python -m reflectionflow train world-corrector --generator ${GENERATOR:-weights/world-generator-v1} --pool $R/pool --pool-size ${POOL_SIZE:-32768} ${POOL_FLAGS:-} --quiet"
 $T --out "$R/run" --pool-only --label-workers ${LABEL_WORKERS:-15} > "$OUT/pool.log" 2>&1
 echo "pool: $(( $(date +%s) - T0 )) s"
 MIN=$(python -c "print(round(max($TOTAL - ($(date +%s) - $T0) - 75, 60) / 60, 2))")

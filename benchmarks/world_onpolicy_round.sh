@@ -9,6 +9,10 @@
 #    trained on that pool with --compile as soon as the pool is ready, beside the harvests;
 # 3. once the harvests are done: the verifier (flips and the scene head) and the reflector on both;
 # 4. the shipped and the new verifier on the harvests' held-out searches (AUC, ECE per kind).
+# On one H100 (docs/RESULTS.md, round 4) the pool's sampling beside the harvests took 359 s, which left
+# the corrector 1.5 minutes: give it a run of its own (benchmarks/world_corrector_long.sh with
+# GENERATOR=weights/world-generator), or a smaller POOL_FLAGS pool.
+# Run it installed (pip install -e .) or with the core dependencies present (braceexpand).
 #   bash benchmarks/world_onpolicy_round.sh OUTDIR [PROMPTS] [SECONDS] [ROUND]
 # OUTDIR receives verifier.tar, reflector.tar, corrector.tar (fp16 weights, config, logs) and
 # results.tar.gz (logs, harvest summaries, the verifier comparison); the tables are printed last.
@@ -53,7 +57,8 @@ rf train world-verifier --out "$R/v" --harvest "$H" --generator-share 0.85 --ste
   $EXTRA --workers 3 --log-every 250 --ckpt-every 1000 --no-compile --flip --scene-weight 0.5 --quiet > "$R/v.log" 2>&1 &
 rf train world-reflector --out "$R/refl" --harvest "$H" --generator-share 0.75 --steps "${RSTEPS:-4500}" --minutes "$MIN" \
   $EXTRA --workers 3 --log-every 250 --ckpt-every 1000 --no-compile --quiet > "$R/refl.log" 2>&1 &
-wait
+JPIDS="$JPIDS $!"
+wait $JPIDS
 echo "training: $(( $(date +%s) - T0 )) s" | tee -a "$R/times.log"
 python - "$R" <<'PY'
 import json, shutil, sys
