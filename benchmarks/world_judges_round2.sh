@@ -45,10 +45,9 @@ wait
 tail -n 1 "$R"/v2.log "$R"/refl.log || true
 echo "training: $(( $(date +%s) - T0 )) s"
 python - "$R" <<'PY'
-import json, shutil, sys
+import json, sys
 from pathlib import Path
 import torch
-from safetensors.torch import load_file, save_file
 from reflectionflow.backends.world.learned import DEFAULT_VERIFIER
 from reflectionflow.models.verifier import WorldVerifier
 from reflectionflow.train.verifier import harvest_pool, held_out_scores
@@ -65,21 +64,8 @@ for name, f in (("shipped", Path(DEFAULT_VERIFIER)), ("v0", r / "v0/verifier"), 
     print(f"| {name} | {f3(res[name]['auc'])} | {f3(res[name]['ece'])} | "
           + " | ".join(f"{k} {f3(v['auc'])}" for k, v in res[name]["kinds"].items()) + " |")
 (r / "compare-verifiers.json").write_text(json.dumps(res, indent=1))
-for d, sub in (("v0", "verifier"), ("v1", "verifier"), ("v2", "verifier"), ("refl", "reflector"), ("corr", "corrector")):
-    src, dst = r / d / sub, r / "export" / d
-    if not src.is_dir():
-        continue
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.name == "model.safetensors":
-            state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in load_file(str(f)).items()}
-            save_file(state, str(dst / f.name))
-        elif f.is_file():
-            shutil.copy(f, dst / f.name)
-    for name in ("log.jsonl", "scores.json", "train_config.json", "val.jsonl"):
-        if (r / d / name).is_file():
-            shutil.copy(r / d / name, dst / f"run-{name}")
 PY
+python benchmarks/export_fp16.py "$R" "$R/export" v0:verifier v1:verifier v2:verifier refl:reflector corr:corrector
 for d in v0 v1 v2 refl corr; do [ -d "$R/export/$d" ] && tar cf "$OUT/$d.tar" -C "$R/export" "$d"; done
 CORR="$R/corr/corrector"; [ -d "$CORR" ] || CORR=weights/world-corrector
 timeout "${COMPARE_LIMIT:-120}" python benchmarks/world_onpolicy_compare.py --harvest "$R/ha" "$R/hb" --verifier "$R/v2/verifier" \

@@ -46,7 +46,6 @@ done
     || echo "corrector training failed: see corr.log" >> "$R/times.log"
   echo "corrector: $(( $(date +%s) - T0 )) s" >> "$R/times.log"
 ) &
-CPID=$!
 wait $HPIDS
 echo "harvests: $(( $(date +%s) - T0 )) s" | tee -a "$R/times.log"
 tail -n 1 "$R/ha.log" "$R/hb.log" || true
@@ -60,30 +59,15 @@ rf train world-reflector --out "$R/refl" --harvest "$H" --generator-share 0.75 -
 JPIDS="$JPIDS $!"
 wait $JPIDS
 echo "training: $(( $(date +%s) - T0 )) s" | tee -a "$R/times.log"
+python benchmarks/export_fp16.py "$R" "$R/export" v:verifier:verifier refl:reflector:reflector corr:corrector:corrector
 python - "$R" <<'PY'
-import json, shutil, sys
+import json, sys
 from pathlib import Path
 import torch
-from safetensors.torch import load_file, save_file
 from reflectionflow.backends.world.learned import DEFAULT_VERIFIER
 from reflectionflow.models.verifier import WorldVerifier
 from reflectionflow.train.verifier import harvest_pool, held_out_scores
 r = Path(sys.argv[1])
-# fp16 copies of what ships, with the run's logs beside them
-for d, sub in (("v", "verifier"), ("refl", "reflector"), ("corr", "corrector")):
-    src, dst = r / d / sub, r / "export" / sub
-    if not src.is_dir():
-        print(sub, "missing"); continue
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.name == "model.safetensors":
-            state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in load_file(str(f)).items()}
-            save_file(state, str(dst / f.name))
-        elif f.is_file():
-            shutil.copy(f, dst / f.name)
-    for name in ("log.jsonl", "scores.json", "train_config.json", "val.jsonl"):
-        if (r / d / name).is_file():
-            shutil.copy(r / d / name, dst / f"run-{name}")
 _, held = harvest_pool([str(r / "ha"), str(r / "hb")], 0.1)
 res = {}
 f3 = lambda x: "-" if x is None else f"{x:.3f}"
@@ -97,7 +81,6 @@ for name, f in (("shipped", Path(DEFAULT_VERIFIER)), ("new", r / "v/verifier")):
           + " | ".join(f"{k} {f3(v['auc'])}" for k, v in res[name]["kinds"].items()) + " |")
 (r / "compare-verifiers.json").write_text(json.dumps(res, indent=1))
 PY
-wait "$CPID" || true
 for d in verifier reflector corrector; do [ -d "$R/export/$d" ] && tar cf "$OUT/$d.tar" -C "$R/export" "$d"; done
 for h in ha hb; do cp "$R/$h/summary.json" "$R/$h-summary.json" 2>/dev/null || true; done
 tar czf "$OUT/results.tar.gz" -C "$R" ha.log hb.log pool.log corr.log v.log refl.log times.log \

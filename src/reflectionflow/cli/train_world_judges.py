@@ -60,7 +60,10 @@ def cmd_world_verifier(args) -> int:
     acc = "" if res.val_accuracy is None else f"; held-out accuracy {res.val_accuracy:.3f}"
     if res.held is not None:
         after = res.held["after"]
-        f3 = lambda x: "n/a" if x is None else f"{x:.3f}"  # None: the held-out searches hold one class only
+
+        def f3(x) -> str:  # None: the held-out searches hold one class only
+            return "n/a" if x is None else f"{x:.3f}"
+
         acc += (f"; held-out harvest: AUC {f3(after['auc'])}, calibration error {f3(res.held['before']['ece'])} -> "
                 f"{f3(after['ece'])} (temperature {res.held['temperature']})")
     print(f"trained {res.step} steps in {res.minutes:.1f} min{acc}; weights in {Path(cfg.out_dir) / 'verifier'}")
