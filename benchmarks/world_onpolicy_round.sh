@@ -8,14 +8,16 @@
 # 2. the corrector: a LoRA on the default generator (so it reads the generator's whole text: 80 words),
 #    trained on that pool with --compile as soon as the pool is ready, beside the harvests;
 # 3. once the harvests are done: the verifier (flips and the scene head) and the reflector on both;
-# 4. the shipped and the new verifier on the harvests' held-out searches (AUC, ECE per kind).
+# 4. the shipped and the new verifier and reflector on the harvests' held-out searches
+#    (benchmarks/world_onpolicy_compare.py: AUC and ECE per kind; exact match and fixes), stopped
+#    after COMPARE_LIMIT seconds (120), once the model tars are written.
 # On one H100 (docs/RESULTS.md, round 4) the pool's sampling beside the harvests took 359 s, which left
 # the corrector 1.5 minutes: give it a run of its own (benchmarks/world_corrector_long.sh with
 # GENERATOR=weights/world-generator), or a smaller POOL_FLAGS pool.
 # Run it installed (pip install -e .) or with the core dependencies present (braceexpand).
 #   bash benchmarks/world_onpolicy_round.sh OUTDIR [PROMPTS] [SECONDS] [ROUND]
 # OUTDIR receives verifier.tar, reflector.tar, corrector.tar (fp16 weights, config, logs) and
-# results.tar.gz (logs, harvest summaries, the verifier comparison); the tables are printed last.
+# results.tar.gz (logs, harvest summaries, the comparison); the tables are printed last.
 # A CPU smoke test: HARVEST_FLAGS="--generator world-render --corrector world-edit --verifier world-oracle
 # --reflector world-oracle" POOL_FLAGS="--pool-size 64 --val-prompts 6 --label-workers 1" VSTEPS=2 RSTEPS=2
 # CSTEPS=2 EXTRA="--batch-size 8 --device cpu" CEXTRA="--no-compile --workers 0 --val-max 8" with PROMPTS 6.
@@ -60,31 +62,13 @@ JPIDS="$JPIDS $!"
 wait $JPIDS
 echo "training: $(( $(date +%s) - T0 )) s" | tee -a "$R/times.log"
 python benchmarks/export_fp16.py "$R" "$R/export" v:verifier:verifier refl:reflector:reflector corr:corrector:corrector
-python - "$R" <<'PY'
-import json, sys
-from pathlib import Path
-import torch
-from reflectionflow.backends.world.learned import DEFAULT_VERIFIER
-from reflectionflow.models.verifier import WorldVerifier
-from reflectionflow.train.verifier import harvest_pool, held_out_scores
-r = Path(sys.argv[1])
-_, held = harvest_pool([str(r / "ha"), str(r / "hb")], 0.1)
-res = {}
-f3 = lambda x: "-" if x is None else f"{x:.3f}"
-print("| verifier | AUC | ECE | per kind |\n|---|---|---|---|")
-for name, f in (("shipped", Path(DEFAULT_VERIFIER)), ("new", r / "v/verifier")):
-    if not (f / "model.safetensors").is_file():
-        continue
-    m = WorldVerifier.from_pretrained(f, device="cuda" if torch.cuda.is_available() else "cpu")
-    res[name] = held_out_scores(m, held, m.config.temperature)
-    print(f"| {name} | {f3(res[name]['auc'])} | {f3(res[name]['ece'])} | "
-          + " | ".join(f"{k} {f3(v['auc'])}" for k, v in res[name]["kinds"].items()) + " |")
-(r / "compare-verifiers.json").write_text(json.dumps(res, indent=1))
-PY
 for d in verifier reflector corrector; do [ -d "$R/export/$d" ] && tar cf "$OUT/$d.tar" -C "$R/export" "$d"; done
+# shipped against new on the harvests' held-out searches (the reflections through the shipped corrector)
+timeout "${COMPARE_LIMIT:-120}" python benchmarks/world_onpolicy_compare.py --harvest "$R/ha" "$R/hb" \
+  --verifier "$R/v/verifier" --reflector "$R/refl/reflector" --json "$R/compare.json" | tee "$R/compare.md" || true
 for h in ha hb; do cp "$R/$h/summary.json" "$R/$h-summary.json" 2>/dev/null || true; done
 tar czf "$OUT/results.tar.gz" -C "$R" ha.log hb.log pool.log corr.log v.log refl.log times.log \
-  compare-verifiers.json ha-summary.json hb-summary.json 2>/dev/null || true
+  compare.md compare.json ha-summary.json hb-summary.json 2>/dev/null || true
 cat "$R/times.log"
 echo "total: $(( $(date +%s) - T0 )) s"
 tail -n 3 "$R/v/log.jsonl" "$R/refl/log.jsonl" 2>/dev/null || true
