@@ -194,3 +194,29 @@ def test_harvest_command_line(tmp_path, capsys):
                "world-oracle", "--label-workers", "1", "--quiet"])
     assert rc == 0
     assert "12 candidates" in capsys.readouterr().out
+
+
+def test_onpolicy_compare_runs_only_the_parts_given(harvested, tmp_path, monkeypatch, capsys):
+    """benchmarks/world_onpolicy_compare.py: the shipped and a new verifier on the same held-out
+    searches; without --reflector / --corrector those parts are left out; with nothing, a clear error."""
+    from reflectionflow.train.verifier import WorldVerifierConfig, train_world_verifier
+
+    from .conftest import load_benchmark_module
+
+    out, _ = harvested
+    train_world_verifier(WorldVerifierConfig(out_dir=str(tmp_path / "v"), model_size="tiny", harvest=(str(out),),
+                                             holdout=0.3, batch_size=16, max_steps=2, log_every=2, ckpt_every=2,
+                                             val_size=8, num_workers=0, progress=False, device="cpu"))
+    bench = load_benchmark_module("world_onpolicy_compare")
+    res_file = tmp_path / "c.json"
+    monkeypatch.setattr("sys.argv", ["x", "--harvest", str(out), "--holdout", "0.3", "--verifier",
+                                     str(tmp_path / "v" / "verifier"), "--json", str(res_file)])
+    assert bench.main() == 0
+    res = json.loads(res_file.read_text())
+    assert res["verifier_shipped"]["n"] == res["verifier_new"]["n"] == res["held_out_candidates"] > 0
+    assert not any(k.startswith(("reflector", "corrector")) for k in res)
+    assert "| new | all |" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["x", "--harvest", str(out)])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "nothing to compare" in capsys.readouterr().err
