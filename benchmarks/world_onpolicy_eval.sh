@@ -52,14 +52,16 @@ for set in ${SETS:-geneval-shapes fresh}; do
 done
 wait
 echo "sweeps: $(( $(date +%s) - T0 )) s"
-for f in "$R"/*-noise "$R"/*-prompt "$R"/*-refl "$R"/*-def8 "$R"/*-def8r "$R"/*-def8e "$R"/oracle-np; do
-  [ -d "$f" ] || continue
+for f in "$R"/*/; do  # every sweep folder this script made
+  f=${f%/}
   cp "$f/sweep.md" "$OUT/$(basename "$f").md" && cp "$f/sweep.json" "$OUT/$(basename "$f").json" \
     || echo "$(basename "$f"): no sweep table (stopped by the time limit; see $f.log)"
 done
-timeout "${EVAL_LIMIT:-150}" python benchmarks/world_onpolicy_eval.py --runs "$R/fresh-noise/runs/noise-world-learned" \
-  "$R/fresh-prompt/runs/prompt-world-learned" "$R/fresh-refl/runs/reflection-world-learned" \
-  --noise-run "$R/fresh-noise/runs/noise-world-learned" --workers 15 --json "$OUT/eval.json" | tee "$R/eval.md" || true
+runs=""; for r in noise/runs/noise prompt/runs/prompt refl/runs/reflection; do  # the judges on the fresh candidates
+  [ -f "$R/fresh-${r%%/*}/sweep.json" ] && runs="$runs $R/fresh-$r-world-learned"; done
+[ -z "$runs" ] || [ ! -f "$R/fresh-noise/sweep.json" ] || timeout "${EVAL_LIMIT:-150}" python benchmarks/world_onpolicy_eval.py \
+  --runs $runs --noise-run "$R/fresh-noise/runs/noise-world-learned" --workers 15 --json "$OUT/eval.json" \
+  | tee "$R/eval.md" || true
 if [ -n "${EARLY:-}" ]; then
   for set in ${SETS:-geneval-shapes fresh}; do
     runs=""; for k in def8r def8e refl; do
@@ -69,5 +71,5 @@ if [ -n "${EARLY:-}" ]; then
   done
 fi
 echo "total: $(( $(date +%s) - T0 )) s"
-for f in "$R"/*-noise "$R"/*-prompt "$R"/*-refl "$R"/*-def8 "$R"/*-def8r "$R"/*-def8e "$R"/oracle-np; do [ -d "$f" ] || continue; echo "## $(basename "$f")"; sed -n '1,12p' "$f/sweep.md" || true; done
-cat "$R/eval.md" "$R"/adaptive-*.md 2>/dev/null || true
+for f in "$R"/*/; do f=${f%/}; echo "## $(basename "$f")"; sed -n '1,12p' "$f/sweep.md" || true; done
+cat "$R"/eval.md "$R"/adaptive-*.md 2>/dev/null || true
