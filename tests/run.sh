@@ -10,4 +10,7 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "could not install chromium: the report-page tests will be skipped"
 fi
 ruff check src tests benchmarks
-python -m pytest -q
+# Two workers with one thread each (pytest-xdist): on a 2-core machine the suite's many start-ups,
+# subprocesses and waits overlap instead of queueing; one thread per worker keeps the two from
+# fighting over the cores. Run a single test file with plain `python -m pytest FILE`.
+OMP_NUM_THREADS=1 python -m pytest -q -n 2

@@ -53,9 +53,11 @@ def test_the_default_generator_follows_explicit_prompts():
     explicit = [r.text for r in RuleRefiner().refine([RefineRequest(p, p) for p in prompts])]
     n = 4
     model = MMDiT.from_pretrained(V2)
-    tpl = _correct(model, [p for p in prompts for _ in range(n)], [m for m in metas for _ in range(n)],
-                   list(range(n)) * len(prompts))
+    # The template prompts are drawn only for the position and binding prompts (the ones compared);
+    # the explicit ones for all four (none may fail more than twice in 16).
+    tpl = _correct(model, [p for p in prompts[2:] for _ in range(n)], [m for m in metas[2:] for _ in range(n)],
+                   list(range(n)) * 2)
     exp = _correct(model, [e for e in explicit for _ in range(n)], [m for m in metas for _ in range(n)],
                    list(range(n)) * len(prompts))
-    hard_tpl, hard_exp = sum(tpl[2 * n:]), sum(exp[2 * n:])  # the position and binding prompts
+    hard_tpl, hard_exp = sum(tpl), sum(exp[2 * n:])  # the position and binding prompts
     assert sum(exp) >= 14 and hard_exp >= 7 and hard_exp > hard_tpl, (tpl, exp)
