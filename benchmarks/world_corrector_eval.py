@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -46,13 +47,19 @@ def judge(images, metas, seeds, workers):
     return label_images(np.asarray(images), metas, seeds, workers, with_target=False)
 
 
-def correct(corrector, images, metas, reflections, seeds) -> tuple[np.ndarray, float]:
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)  # the stages of a run that can take an hour on a CPU
+
+
+def correct(corrector, images, metas, reflections, seeds) -> tuple[np.ndarray, float, set[int]]:
+    """The corrections, wall ms per image and the passes per image the corrector reported."""
     reqs = [CorrectionRequest(image=img, prompt=m["prompt"], reflection=r, seed=s)
             for img, m, r, s in zip(images, metas, reflections, seeds)]
     t = time.perf_counter()
     out = corrector.correct(reqs)
     ms = 1000 * (time.perf_counter() - t) / max(len(reqs), 1)
-    return np.stack([o.image for o in out]) if out else np.zeros((0, 64, 64, 3), np.uint8), ms
+    images = np.stack([o.image for o in out]) if out else np.zeros((0, 64, 64, 3), np.uint8)
+    return images, ms, {o.nfe for o in out}
 
 
 SETTING_KEYS = {"steps": int, "guidance": float, "strength": float}
@@ -83,8 +90,10 @@ def evaluate_corrector(path, args, metas, images, labels, first, setting: dict |
     passes = [i for i, lab in enumerate(labels) if lab.correct][: args.keep_max]
     res = {"corrector": str(path), "cond_attention": corrector.cond_attention, "setting": opts,
            "failed": len(fails), "passed_corrected": len(passes)}
+    progress(f"{path} {opts}: {len(passes)} correct samples with \"keep\", {len(fails)} failures x "
+             f"{args.rounds} rounds")
     # passed samples, "keep"
-    out, ms_keep = correct(corrector, images[passes], [metas[i] for i in passes], [KEEP] * len(passes),
+    out, ms_keep, nfe = correct(corrector, images[passes], [metas[i] for i in passes], [KEEP] * len(passes),
                            [10**6 + i for i in passes])
     kept = judge(out, [metas[i] for i in passes], passes, args.workers)
     res["broken"] = round(1 - float(np.mean([k.correct for k in kept])), 4) if passes else None
@@ -96,8 +105,10 @@ def evaluate_corrector(path, args, metas, images, labels, first, setting: dict |
     res["rounds"] = []
     ms = []
     for r in range(1, args.rounds + 1):
-        cur, t = correct(corrector, cur, [metas[i] for i in fails], reflections, [10**7 * r + i for i in fails])
+        cur, t, round_nfe = correct(corrector, cur, [metas[i] for i in fails], reflections,
+                                    [10**7 * r + i for i in fails])
         ms.append(t)
+        nfe |= round_nfe
         labs = judge(cur, [metas[i] for i in fails], fails, args.workers)
         now = np.array([lab.correct for lab in labs], dtype=bool)
         fixed_any |= now
@@ -111,8 +122,7 @@ def evaluate_corrector(path, args, metas, images, labels, first, setting: dict |
                               "fixed_by_round": round(float(fixed_any.mean()), 4) if len(now) else None,
                               "geneval_first_sample": round(summarize(rows)["overall"], 4)})
     res["ms_per_image"] = round(float(np.mean(ms + [ms_keep])), 3)
-    steps = opts["steps"] if corrector.opt.strength >= 1 else max(1, round(opts["steps"] * corrector.opt.strength))
-    res["nfe_per_image"] = steps * (2 if opts["guidance"] != 1 else 1)
+    res["nfe_per_image"] = max(nfe) if nfe else None  # as the corrector reports it (one value per setting)
     return res
 
 
@@ -128,6 +138,7 @@ def cached_samples(generator, metas_all, args):
                                  "remove it or name another file")
             metas = [m for m in metas_all for _ in range(args.samples)]
             return metas, list(range(len(metas))), z["images"], float(z["seconds"])
+    progress(f"sampling {len(metas_all) * args.samples} images from {args.generator}")
     metas, seeds, images, gen_s = generator_samples(generator, metas_all, args.samples)
     if path:
         tmp = path + ".tmp.npz"

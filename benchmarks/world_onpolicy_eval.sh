@@ -52,7 +52,7 @@ for set in ${SETS:-geneval-shapes fresh}; do
 done
 wait
 echo "sweeps: $(( $(date +%s) - T0 )) s"
-for f in "$R"/*/; do  # every sweep folder this script made
+for f in "$R"/*/; do  # every sweep folder under $R (a reused R brings its older ones too)
   f=${f%/}
   cp "$f/sweep.md" "$OUT/$(basename "$f").md" && cp "$f/sweep.json" "$OUT/$(basename "$f").json" \
     || echo "$(basename "$f"): no sweep table (stopped by the time limit; see $f.log)"
